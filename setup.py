@@ -1,0 +1,36 @@
+"""qwen-pretrain: raw text -> datatrove token shards -> megatron-core Qwen2 training."""
+from setuptools import find_packages, setup
+
+setup(
+    name="qwen-pretrain",
+    version="0.1.0",
+    description="Pretraining stack for the Qwen2 dense and MoE family on megatron-core and datatrove",
+    python_requires=">=3.10",
+    packages=find_packages(include=["common*", "conf*", "data_pipeline*", "parallel*", "pretrain*"]),
+    include_package_data=True,
+    package_data={"data_pipeline": ["corpus/*"], "conf": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        # The CPU wheel here; CUDA builds of the same release on GPU machines.
+        "torch>=2.6",
+        "numpy",
+        # 0.16.1 is the newest release that installs on Python 3.11.
+        "megatron-core==0.16.1",
+        "psutil",  # imported by megatron-core's dist_checkpointing, not declared by it
+        "datatrove[io]==0.10.1",
+        "tokenizers>=0.21",
+        "hydra-core>=1.3.2,<1.4",
+        "omegaconf>=2.3",
+        "wandb>=0.19",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "safetensors"],
+    },
+    entry_points={
+        "console_scripts": [
+            "qwen-pretrain=pretrain.__main__:main",
+            "qwen-data=data_pipeline.__main__:main",
+        ]
+    },
+)
