@@ -1,4 +1,4 @@
 """Leaf package shared by every stage: imports nothing from the project."""
-from common.errors import ConfigError, QwenPretrainError
+from common.errors import ConfigError, QwenPretrainError, check_choice
 
-__all__ = ["ConfigError", "QwenPretrainError"]
+__all__ = ["ConfigError", "QwenPretrainError", "check_choice"]

@@ -7,3 +7,12 @@ class QwenPretrainError(Exception):
 
 class ConfigError(QwenPretrainError, ValueError):
     """A configuration value is invalid; the message names the field (e.g. ``parallel.tp``)."""
+
+
+def check_choice(field: str, value, choices: tuple) -> None:
+    """Raise ConfigError naming ``field`` unless ``value`` is one of ``choices``.
+
+    (OmegaConf structured configs cannot type fields as ``Literal``, so choices are checked here.)
+    """
+    if value not in choices:
+        raise ConfigError(f"{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")

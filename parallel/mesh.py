@@ -1,0 +1,118 @@
+"""Process groups for a parallel layout: the only caller of megatron-core's ``initialize_model_parallel``."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from parallel.config import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+def world_size_from_env() -> int:
+    """Processes in this job as the launcher (torchrun, srun) announced them; 1 when run bare."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def device() -> torch.device:
+    """The one device seam: this rank's GPU when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Where this rank sits in the layout that actually ran."""
+
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    vpp: int
+    ep: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        vpp = f" vpp={self.vpp}" if self.vpp > 1 else ""
+        ep = f" ep={self.ep}" if self.ep > 1 else ""
+        return (
+            f"world={self.world_size} tp={self.tp} pp={self.pp}{vpp}{ep} dp={self.dp} "
+            f"(rank {self.rank}: tp_rank={self.tp_rank} pp_rank={self.pp_rank} dp_rank={self.dp_rank})"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, *, seed: int, timeout_minutes: int = 10) -> Mesh:
+    """Start the default process group and megatron-core's model-parallel groups for ``parallel``.
+
+    Validate the layout (``pretrain.config.validate_job``) before calling this: errors here come from
+    the launcher or the network, not from the config.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            # A bare single process still needs a (1-rank) group: megatron-core's layers query it.
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    from parallel.cpu_seam import apply_cpu_seam, model_parallel_seed
+
+    apply_cpu_seam()  # a no-op with CUDA: GPU runs take megatron-core's own paths
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp or parallel.tp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    # Same seed on every data-parallel replica; megatron's RNG tracker derives the per-TP-rank streams.
+    torch.manual_seed(seed + 100 * pp_rank)
+    model_parallel_seed(seed)
+    mesh = Mesh(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        tp=parallel.tp,
+        pp=parallel.pp,
+        vpp=parallel.vpp,
+        ep=parallel.ep,
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=pp_rank,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+    if mesh.is_logging_rank:
+        log.info("parallel layout: %s", mesh.describe())
+    return mesh
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

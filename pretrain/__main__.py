@@ -1,0 +1,76 @@
+"""`python -m pretrain [hydra overrides]`: train Qwen2 on token shards.
+
+Run bare, it starts the processes its parallel layout needs on this machine (torchrun underneath);
+under torchrun or srun it joins the job those launchers started.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from common.errors import ConfigError
+from pretrain.config import JobConfig, register_configs, validate_job
+
+log = logging.getLogger("pretrain")
+register_configs()
+
+
+def _launch_local(nproc: int, run_dir: Path) -> int:
+    """Re-run this job's overrides under torchrun with ``nproc`` processes on this machine."""
+    overrides = list(HydraConfig.get().overrides.task)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "pretrain", *overrides, f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    log.info("starting %d local processes: %s", nproc, " ".join(cmd))
+    return subprocess.run(cmd, env=env).returncode
+
+
+def run(job: JobConfig, run_dir: Path) -> None:
+    """Validate, start process groups, train, tear down. Everything a rank does, in order."""
+    from parallel.mesh import destroy_distributed, init_distributed, world_size_from_env
+    from pretrain.data import Shards
+
+    validate_job(job, world_size_from_env())
+    shards = Shards.from_config(job.data)  # a missing data path fails here, before any process group
+    mesh = init_distributed(job.parallel, seed=job.trainer.seed)
+    try:
+        from pretrain.build import build_trainer
+
+        trainer = build_trainer(job, run_dir, mesh, shards)
+        trainer.resume_if_possible()
+        trainer.fit()
+    finally:
+        destroy_distributed()
+
+
+@hydra.main(config_path="pkg://conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        job: JobConfig = OmegaConf.to_object(cfg)
+        nproc = job.parallel.model_parallel_size * max(job.parallel.dp, 1)
+        if "RANK" not in os.environ and nproc > 1:
+            sys.exit(_launch_local(nproc, run_dir))
+        if rank == 0:
+            (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        run(job, run_dir)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

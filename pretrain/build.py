@@ -1,0 +1,59 @@
+"""Assemble a Trainer from a validated JobConfig, in the order things must happen."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from megatron.core.transformer.module import Float16Module
+
+from parallel.data import apply_ddp
+from parallel.mesh import Mesh
+from pretrain.callbacks import ConsoleLogger, MetricsFile, Throughput, WandbLogger
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import JobConfig
+from pretrain.data import Shards, build_datasets, microbatches
+from pretrain.models.qwen2.flops import flops_per_token
+from pretrain.models.qwen2.model import build_model_chunks, padded_vocab_size, transformer_config
+from pretrain.optim import build_optimizer
+from pretrain.train_module import TrainModule
+from pretrain.trainer import Trainer
+
+
+def build_train_module(job: JobConfig, vocab_size: int) -> TrainModule:
+    """Model chunks for this rank -> bf16 wrapper -> data parallel -> optimizer (process groups must exist)."""
+    p, bf16 = job.parallel, job.trainer.precision == "bf16"
+    config = transformer_config(
+        job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
+        moe_dispatcher=p.moe_dispatcher, bf16=bf16,
+    )
+    chunks = build_model_chunks(job.model, config, vocab_size)
+    if bf16:
+        # bf16 weights and activations; the optimizer keeps fp32 master copies.
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    chunks = apply_ddp(chunks, config, zero=p.zero, overlap_grad_reduce=p.overlap_grad_reduce)
+    optimizer, scheduler = build_optimizer(job.optim, chunks, bf16=bf16, zero=p.zero, total_steps=job.trainer.steps)
+    return TrainModule(chunks, config, optimizer, scheduler, seq_len=job.data.seq_len,
+                       micro_batch_size=job.trainer.micro_batch_size)
+
+
+def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> Trainer:
+    t = job.trainer
+    vocab_size = padded_vocab_size(job.model, shards.vocab_size, job.parallel.tp)
+    module = build_train_module(job, vocab_size)
+    train_set, _ = build_datasets(job.data, shards, seed=t.seed, train_samples=t.steps * t.global_batch_size,
+                                  valid_samples=0, cache_dir=str(run_dir / "data_cache"))
+
+    def batches_from(step: int):
+        return microbatches(train_set, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                            dp_rank=mesh.dp_rank, dp_size=mesh.dp, start_step=step)
+
+    callbacks = [Throughput(flops_per_token(job.model, job.data.seq_len, vocab_size), mesh.world_size)]
+    if mesh.is_logging_rank:
+        callbacks += [ConsoleLogger(t.log_every, t.steps), MetricsFile(run_dir, t.plot_loss)]
+        if t.wandb.mode != "disabled":
+            callbacks.append(WandbLogger(
+                run_dir, mode=t.wandb.mode, project=t.wandb.project, entity=t.wandb.entity, group=t.wandb.group,
+                name=t.run_name, config=dataclasses.asdict(job),
+            ))
+    return Trainer(module=module, batches_from=batches_from, checkpointer=Checkpointer(run_dir / "checkpoints", t.keep_last),
+                   callbacks=callbacks, mesh=mesh, steps=t.steps, save_every=t.save_every)

@@ -1,0 +1,145 @@
+"""Everything around the loop that is not training: console, loss curve, wandb. Hooks only; no collectives."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from pretrain.train_module import StepResult
+
+log = logging.getLogger("pretrain")
+
+# Dense BF16 peak of the GPUs we benchmark on (per GPU), for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class Callback:
+    def on_train_start(self, trainer) -> None: ...
+    def on_step_end(self, trainer, step: int, result: StepResult, metrics: dict) -> None: ...
+    def on_train_end(self, trainer) -> None: ...
+    def on_error(self, trainer, exc: BaseException) -> None: ...
+
+
+class Throughput(Callback):
+    """Adds tokens/s, MFU and peak memory to the step metrics (the other callbacks read them)."""
+
+    def __init__(self, flops_per_token: float, world_size: int) -> None:
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak = peak_flops()
+        self._last = time.perf_counter()
+
+    def on_step_end(self, trainer, step, result, metrics) -> None:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        tokens_per_s = result.tokens / max(elapsed, 1e-9)
+        metrics["tokens_per_s"] = tokens_per_s
+        metrics["step_time_s"] = elapsed
+        metrics["peak_mem_gib"] = peak_memory_gib()
+        if self.peak:
+            metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.world_size)
+
+
+class ConsoleLogger(Callback):
+    def __init__(self, every: int, total_steps: int) -> None:
+        self.every = every
+        self.total = total_steps
+
+    def on_step_end(self, trainer, step, result, metrics) -> None:
+        if step % self.every and step != self.total and step != 1:
+            return
+        mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+        skipped = f" | skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
+        log.info(
+            "step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s | mem %.2f GiB%s",
+            step, self.total, result.loss, result.lr, result.grad_norm, metrics["tokens_per_s"], mfu,
+            metrics["peak_mem_gib"], skipped,
+        )
+
+
+class MetricsFile(Callback):
+    """metrics.jsonl (one line per step) and loss_curve.png in the run directory."""
+
+    def __init__(self, run_dir: Path, plot: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.png = run_dir / "loss_curve.png"
+        self.plot = plot
+
+    def on_step_end(self, trainer, step, result, metrics) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "loss": result.loss, "lr": result.lr,
+                                "grad_norm": result.grad_norm, **metrics}) + "\n")
+
+    def on_train_end(self, trainer) -> None:
+        if self.plot:
+            plot_loss_curve(self.path, self.png)
+            log.info("loss curve: %s", self.png)
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {}
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row["loss"]  # a resumed run may repeat steps: the last write wins
+    steps = sorted(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [rows[s] for s in steps])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+class WandbLogger(Callback):
+    """Offline by default: run files go to <run_dir>/wandb; `wandb sync` uploads them later."""
+
+    def __init__(self, run_dir: Path, *, mode: str, project: str, entity: str | None, group: str | None,
+                 name: str, config: dict) -> None:
+        import wandb
+
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            log.warning("trainer.wandb.mode=online but WANDB_API_KEY is not set: logging offline")
+            mode = "offline"
+        # A stable id per run directory: a requeued job appends to the same wandb run.
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = wandb.init(dir=str(run_dir), mode=mode, project=project, entity=entity, group=group,
+                              name=name, id=run_id, resume="allow", config=config)
+
+    def on_step_end(self, trainer, step, result, metrics) -> None:
+        self.run.log({"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, **metrics}, step=step)
+
+    def on_train_end(self, trainer) -> None:
+        self.run.finish()
+
+    def on_error(self, trainer, exc) -> None:
+        self.run.finish(exit_code=1)

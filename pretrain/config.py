@@ -1,0 +1,178 @@
+"""Typed configuration of a training job. Defaults live in conf/*.yaml; these classes give types, docs and checks.
+
+Each section validates itself in ``__post_init__`` (run by ``OmegaConf.to_object``); checks that span
+sections or need the world size live in :func:`validate_job`, called before any process group starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from common.errors import ConfigError, check_choice
+from parallel.config import ParallelConfig
+from pretrain.models.qwen2.config import ModelConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    paths: list[str] = field(default_factory=lambda: ["outputs/data/default"])
+    """Token-shard directories written by ``python -m data_pipeline`` (each holds a manifest.json)."""
+    weights: list[float] | None = None
+    """Blend weights, one per path (megatron-core's blended dataset); None = proportional to size."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    split: str = "100,0,0"
+    """Train/validation/test split of the documents, in megatron-core's "a,b,c" form."""
+    cache_dir: str | None = None
+    """Where megatron-core caches its sample indices; None = ``<run_dir>/data_cache``."""
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise ConfigError("data.paths is empty: give at least one token-shard directory")
+        if self.weights is not None and len(self.weights) != len(self.paths):
+            raise ConfigError(f"data.weights has {len(self.weights)} entries but data.paths has {len(self.paths)}")
+        if self.weights is not None and any(w <= 0 for w in self.weights):
+            raise ConfigError(f"data.weights must all be positive, got {list(self.weights)}")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+            raise ConfigError(f'data.split must look like "100,0,0", got {self.split!r}')
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak (Qwen2: 10%)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to the peak."""
+    decay_steps: int | None = None
+    """Steps of warm-up + cosine decay; None = trainer.steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to biases and norms)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass(kw_only=True, slots=True)
+class WandbConfig:
+    mode: str = "offline"
+    """'offline' writes run files under the run directory (sync later); 'online' needs WANDB_API_KEY; 'disabled'."""
+    project: str = "qwen-pretrain"
+    entity: str | None = None
+    group: str | None = None
+    """Runs of one sweep share a group."""
+
+    def __post_init__(self) -> None:
+        check_choice("trainer.wandb.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerConfig:
+    run_name: str = "default"
+    """Names the run directory (runs/<run_name>), stable across restarts so a requeued job resumes."""
+    steps: int = 100
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation makes up the rest)."""
+    precision: str = "fp32"
+    """bf16: bf16 weights and activations with fp32 master weights and fp32 gradient reduction."""
+    seed: int = 1234
+    log_every: int = 10
+    """Print and log metrics every N steps."""
+    save_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    plot_loss: bool = True
+    """Write loss_curve.png into the run directory at the end."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "global_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        check_choice("trainer.precision", self.precision, ("fp32", "bf16"))
+        if self.save_every < 0:
+            raise ConfigError(f"trainer.save_every must be >= 0, got {self.save_every}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"trainer.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"trainer.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterConfig:
+    name: str = "local"
+    """'local' runs on this machine; a Slurm cluster name selects the Slurm settings below."""
+    partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    time_min: int = 60
+    account: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def validate_job(job: JobConfig, world_size: int) -> int:
+    """Cross-section checks, before any process group exists. Returns the data-parallel degree."""
+    model, parallel, trainer = job.model, job.parallel, job.trainer
+    dp = parallel.validate(
+        world_size=world_size,
+        num_layers=model.num_layers,
+        num_heads=model.num_heads,
+        num_kv_heads=model.num_kv_heads,
+        num_experts=model.num_experts,
+        seq_len=job.data.seq_len,
+    )
+    per_step = trainer.micro_batch_size * dp
+    if trainer.global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={trainer.global_batch_size} is not a multiple of "
+            f"trainer.micro_batch_size × dp = {trainer.micro_batch_size} × {dp}"
+        )
+    microbatches = trainer.global_batch_size // per_step
+    if parallel.vpp > 1 and microbatches % parallel.pp:
+        raise ConfigError(
+            f"the interleaved schedule needs the number of microbatches ({microbatches} = global_batch_size / "
+            f"(micro_batch_size × dp)) to be a multiple of parallel.pp={parallel.pp}"
+        )
+    if job.data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len={job.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    return dp
+
+
+def register_configs() -> None:
+    """Register the schema so Hydra type-checks every yaml file and override against it."""
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)

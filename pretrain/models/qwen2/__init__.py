@@ -1,0 +1,1 @@
+"""Qwen2 dense and Qwen2-MoE on megatron-core."""

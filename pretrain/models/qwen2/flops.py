@@ -1,0 +1,64 @@
+"""Parameter counts and training FLOPs per token of a Qwen2 shape (for MFU and for checking presets).
+
+FLOPs follow the PaLM / torchtitan convention: 6 FLOPs per token per active matmul weight (forward 2,
+backward 4, output layer included, embedding lookup excluded) plus 12 · layers · heads · head_dim · seq
+for attention scores and values (causal masking not discounted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.models.qwen2.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    """Every parameter (each expert counted)."""
+    active: int
+    """Parameters one token passes through (top-k routed experts + shared expert)."""
+    embedding: int
+    """Input embedding (also the output layer when tied)."""
+
+
+def _attention_params(m: ModelConfig) -> int:
+    kv = m.num_kv_heads * m.head_dim
+    q = m.num_heads * m.head_dim
+    return m.hidden_size * (q + 2 * kv) + (q + 2 * kv) + q * m.hidden_size  # qkv (+bias), out
+
+
+def _swiglu(hidden: int, ffn: int) -> int:
+    return 3 * hidden * ffn
+
+
+def _mlp_params(m: ModelConfig, active: bool) -> int:
+    if not m.is_moe:
+        return _swiglu(m.hidden_size, m.ffn_hidden_size)
+    experts = m.moe_topk if active else m.num_experts
+    params = experts * _swiglu(m.hidden_size, m.moe_ffn_hidden_size) + m.hidden_size * m.num_experts  # + router
+    if m.shared_expert_ffn_hidden_size:
+        params += _swiglu(m.hidden_size, m.shared_expert_ffn_hidden_size) + m.hidden_size  # + sigmoid gate
+    return params
+
+
+def param_count(m: ModelConfig, vocab_size: int | None = None) -> ParamCount:
+    vocab = vocab_size or m.vocab_size
+    if vocab is None:
+        raise ValueError("param_count needs a vocabulary size (model.vocab_size is null)")
+    embedding = vocab * m.hidden_size
+    output = 0 if m.tie_embeddings else embedding
+    norms = 2 * m.hidden_size * m.num_layers + m.hidden_size
+
+    def count(active: bool) -> int:
+        return embedding + output + norms + m.num_layers * (_attention_params(m) + _mlp_params(m, active))
+
+    return ParamCount(total=count(False), active=count(True), embedding=embedding)
+
+
+def flops_per_token(m: ModelConfig, seq_len: int, vocab_size: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length ``seq_len``."""
+    vocab = vocab_size or m.vocab_size
+    per_layer = _attention_params(m) + _mlp_params(m, active=True) - m.hidden_size * (m.num_experts or 0)
+    matmul_params = m.num_layers * per_layer + vocab * m.hidden_size  # output layer always runs
+    attention = 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
+    return 6 * matmul_params + attention

@@ -1,0 +1,119 @@
+"""Build Qwen2 as megatron-core ``GPTModel`` chunks: the one translation from our config to megatron's."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from common.errors import ConfigError
+from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.qwen2.spec import block_spec
+
+
+def padded_vocab_size(model: ModelConfig, tokenizer_vocab: int | None, tp: int) -> int:
+    """Embedding rows: the preset's fixed size, or the tokenizer's padded to a multiple of pad × tp."""
+    if model.vocab_size is not None:
+        if tokenizer_vocab is not None and tokenizer_vocab > model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens"
+            )
+        return model.vocab_size
+    if tokenizer_vocab is None:
+        raise ConfigError("model.vocab_size is null and no tokenizer size is known (data manifest missing)")
+    multiple = model.pad_vocab_multiple * tp
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def transformer_config(
+    model: ModelConfig,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    sequence_parallel: bool = False,
+    moe_dispatcher: str = "alltoall",
+    bf16: bool = False,
+    on_cuda: bool = torch.cuda.is_available(),
+) -> TransformerConfig:
+    """Map a Qwen2 shape and a parallel layout onto megatron-core's ``TransformerConfig``."""
+    moe = {}
+    if model.is_moe:
+        moe = dict(
+            num_moe_experts=model.num_experts,
+            moe_router_topk=model.moe_topk,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=model.shared_expert_ffn_hidden_size,
+            moe_shared_expert_gate=model.shared_expert_ffn_hidden_size is not None,
+            # Qwen2-MoE: softmax over all experts, then top-k, weights not renormalised (norm_topk_prob=false).
+            moe_router_pre_softmax=True,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_z_loss_coeff=model.moe_z_loss_coeff,
+            moe_router_dtype="fp32",
+            moe_token_dispatcher_type=moe_dispatcher,
+            moe_grouped_gemm=False,
+        )
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_heads,
+        num_query_groups=model.num_kv_heads,
+        kv_channels=model.head_dim,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp if etp is not None else tp,
+        sequence_parallel=sequence_parallel,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # Kernels that need apex/TransformerEngine are off; torch SDPA and fused AdamW stand in.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        use_cpu_initialization=not on_cuda,
+        # gloo matches batched p2p messages in posting order, which corrupts interleaved pipelines.
+        batch_p2p_comm=on_cuda,
+        **moe,
+    )
+
+
+def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), on the current device."""
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec(model, config, vp_stage if vpp > 1 else None),
+            vocab_size=vocab_size,
+            max_sequence_length=model.max_seq_len,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rope_base),
+            vp_stage=vp_stage if vpp > 1 else None,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks
+

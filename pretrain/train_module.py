@@ -1,0 +1,103 @@
+"""One optimizer step of Qwen2 on megatron-core: the model-specific half of training (the Trainer is the other)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from parallel.mesh import device
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean next-token cross-entropy over every token of the global batch."""
+    grad_norm: float
+    lr: float
+    tokens: int
+    """Tokens that counted in the loss, over the global batch."""
+    skipped: bool = False
+    """True when the step was not applied (non-finite loss or gradients)."""
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    # Per-token sums: megatron-core divides the gradients by the global token count (calculate_per_token_loss).
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    n_tokens = mask.sum().to(torch.int)
+    return loss_sum, n_tokens, {"lm": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    dev = device()
+    tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
+    output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
+    return output, partial(_loss_func, batch["loss_mask"].to(dev))
+
+
+class TrainModule:
+    """Model chunks + optimizer + LR schedule, and ``train_batch`` that runs one optimizer step."""
+
+    def __init__(self, chunks: list, config: TransformerConfig, optimizer: MegatronOptimizer,
+                 scheduler: OptimizerParamScheduler, *, seq_len: int, micro_batch_size: int) -> None:
+        self.chunks = chunks
+        self.config = config
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        config.calculate_per_token_loss = True
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+        self._forward_backward = get_forward_backward_func()
+
+    def train_batch(self, microbatches: list[dict[str, torch.Tensor]]) -> StepResult:
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        # Every virtual stage replays the same microbatches through its own iterator.
+        iterators = [iter(microbatches) for _ in self.chunks]
+        reports = self._forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(microbatches),
+            seq_length=self.seq_len,
+            micro_batch_size=self.micro_batch_size,
+            forward_only=False,
+        )
+        loss, tokens = _global_loss(reports)
+        self.scheduler.step(increment=1)  # the LR of step s is the schedule at s (no wasted 0-LR step)
+        ok, grad_norm, _ = self.optimizer.step()
+        return StepResult(
+            loss=loss,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=self.optimizer.param_groups[0]["lr"],
+            tokens=tokens,
+            skipped=not ok,
+        )
+
+
+def _global_loss(reports: list[dict]) -> tuple[float, int]:
+    """Mean loss over the global batch, known on every rank.
+
+    Only last-stage ranks hold reports; summing [loss_sum, tokens] over the whole world counts each
+    tensor-parallel replica alike, so the ratio is the data-parallel mean and the count is tp times too big.
+    """
+    totals = torch.zeros(2, dtype=torch.float64, device=device())
+    for report in reports:
+        totals += report["lm"].to(totals)
+    dist.all_reduce(totals)
+    tokens = int(totals[1]) // parallel_state.get_tensor_model_parallel_world_size()
+    return float(totals[0] / totals[1]), tokens

@@ -1,0 +1,87 @@
+"""The training loop: a recipe that fits on a screen. Model specifics live in TrainModule, extras in callbacks."""
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from parallel.mesh import Mesh, device
+from pretrain.callbacks import Callback
+from pretrain.checkpoint import Checkpointer
+from pretrain.train_module import TrainModule
+
+log = logging.getLogger("pretrain")
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm preemption / time limit
+
+
+class Trainer:
+    def __init__(self, *, module: TrainModule, batches_from, checkpointer: Checkpointer, callbacks: list[Callback],
+                 mesh: Mesh, steps: int, save_every: int) -> None:
+        self.module = module
+        self.batches_from = batches_from  # step -> iterator of per-step microbatch lists
+        self.checkpointer = checkpointer
+        self.callbacks = callbacks
+        self.mesh = mesh
+        self.steps = steps
+        self.save_every = save_every
+        self.step = 0
+        self.tokens_seen = 0
+        self._stop_signal: int | None = None
+
+    # Stateful: the checkpointer saves this next to the model and optimizer.
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+    def resume_if_possible(self) -> None:
+        latest = self.checkpointer.latest()
+        if latest is not None:
+            self.load_state_dict(self.checkpointer.load(latest, self.module))
+            log.info("resumed from %s at step %d", latest, self.step)
+
+    def fit(self) -> None:
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            self._call("on_train_start")
+            batches = self.batches_from(self.step)
+            saved_at = None
+            while self.step < self.steps:
+                result = self.module.train_batch(next(batches))
+                self.step += 1
+                self.tokens_seen += result.tokens
+                metrics: dict = {}
+                self._call("on_step_end", self.step, result, metrics)
+                if self.save_every and self.step % self.save_every == 0:
+                    self.checkpointer.save(self.step, self.module, self.state_dict())
+                    saved_at = self.step
+                if self._stop_requested():
+                    log.warning("stop signal received: saving at step %d and exiting", self.step)
+                    break
+            if saved_at != self.step:
+                self.checkpointer.save(self.step, self.module, self.state_dict())
+            self._call("on_train_end")
+        except BaseException as exc:
+            self._call("on_error", exc)
+            raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        # The signal may reach only some ranks: agree on stopping so every rank saves the same step.
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _call(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
