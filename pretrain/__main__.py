@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError
 from pretrain.config import JobConfig, register_configs, validate_job
+from pretrain.data import Shards
 
 log = logging.getLogger("pretrain")
 register_configs()
@@ -37,7 +38,6 @@ def _launch_local(nproc: int, run_dir: Path) -> int:
 def run(job: JobConfig, run_dir: Path) -> None:
     """Validate, start process groups, train, tear down. Everything a rank does, in order."""
     from parallel.mesh import destroy_distributed, init_distributed, world_size_from_env
-    from pretrain.data import Shards
 
     validate_job(job, world_size_from_env())
     shards = Shards.from_config(job.data)  # a missing data path fails here, before any process group
@@ -63,6 +63,8 @@ def main(cfg: DictConfig) -> None:
         job: JobConfig = OmegaConf.to_object(cfg)
         nproc = job.parallel.model_parallel_size * max(job.parallel.dp, 1)
         if "RANK" not in os.environ and nproc > 1:
+            validate_job(job, nproc)  # refuse a bad layout before starting any process
+            Shards.from_config(job.data)
             sys.exit(_launch_local(nproc, run_dir))
         if rank == 0:
             (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
