@@ -68,6 +68,8 @@ def init_distributed(parallel: ParallelConfig, *, seed: int, timeout_minutes: in
     Validate the layout (``pretrain.config.validate_job``) before calling this: errors here come from
     the launcher or the network, not from the config.
     """
+    # megatron-core's TP overlap orders kernels on a single CUDA work queue (it warns otherwise).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             # A bare single process still needs a (1-rank) group: megatron-core's layers query it.

@@ -12,6 +12,12 @@ import sys
 import warnings
 from pathlib import Path
 
+# Known, harmless library noise: apex/TransformerEngine absent (torch kernels stand in by design),
+# torch's renamed collectives that megatron-core still calls, a megatron-core config deprecation.
+for _message in (".*(Apex|Transformer Engine).*", ".*reduce_scatter_tensor.*", ".*all_gather_into_tensor.*",
+                 "full scope is deprecated.*", "The .grad attribute of a Tensor that is not a leaf.*"):
+    warnings.filterwarnings("ignore", message=_message)
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -57,7 +63,7 @@ def main(cfg: DictConfig) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # our own lines summarise what it would log
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         job: JobConfig = OmegaConf.to_object(cfg)

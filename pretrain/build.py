@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from megatron.core.transformer.module import Float16Module
@@ -17,6 +18,8 @@ from pretrain.models.qwen2.model import build_model_chunks, padded_vocab_size, t
 from pretrain.optim import build_optimizer
 from pretrain.train_module import TrainModule
 from pretrain.trainer import Trainer
+
+log = logging.getLogger("pretrain")
 
 
 def build_train_module(job: JobConfig, vocab_size: int) -> TrainModule:
@@ -47,6 +50,14 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
         return microbatches(train_set, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                             dp_rank=mesh.dp_rank, dp_size=mesh.dp, start_step=step)
 
+    if mesh.is_logging_rank:
+        from pretrain.models.qwen2.flops import param_count
+
+        count = param_count(job.model, vocab_size)
+        log.info("model %s: %.2fM parameters (%.2fM active), vocab %d | %d train samples of %d tokens | "
+                 "%d microbatches of %d per step", job.model.name, count.total / 1e6, count.active / 1e6, vocab_size,
+                 len(train_set), job.data.seq_len, t.global_batch_size // (t.micro_batch_size * mesh.dp),
+                 t.micro_batch_size)
     callbacks = [Throughput(flops_per_token(job.model, job.data.seq_len, vocab_size), mesh.world_size)]
     if mesh.is_logging_rank:
         callbacks += [ConsoleLogger(t.log_every, t.steps), MetricsFile(run_dir, t.plot_loss)]

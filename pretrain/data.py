@@ -70,6 +70,7 @@ class _EodOnly:
 
     def __init__(self, eod: int) -> None:
         self.eod = eod
+        self.unique_identifiers = {"class": "EodOnly", "eod": eod}  # part of megatron's index-cache key
 
 
 def build_datasets(data: DataConfig, shards: Shards, *, seed: int, train_samples: int, valid_samples: int,

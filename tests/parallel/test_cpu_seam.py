@@ -86,10 +86,9 @@ def reference_name(model: GPTModel, name: str) -> str:
     if m:
         layer = model.decoder.layers[int(m.group(1))]
         name = f"decoder.layers.{layer.layer_number - 1}." + name[m.end():]
-        experts = getattr(layer.mlp, "experts", None)
         m = re.search(r"\.local_experts\.(\d+)\.", name)
-        if m and experts is not None:
-            global_idx = experts.local_expert_indices[int(m.group(1))]
+        if m:
+            global_idx = layer.mlp.local_expert_indices[int(m.group(1))]
             name = name[:m.start()] + f".local_experts.{global_idx}." + name[m.end():]
     return name
 
@@ -297,7 +296,9 @@ def test_tp2_matches_tp1_loss_grad_norm_and_step():
         assert abs(l0_1 - l0_2) <= 1e-5, (l0_1, l0_2)
         assert n_1 > clip, "grad clipping must be active for this check"
         assert n_2 == pytest.approx(n_1, rel=1e-5)  # TP-aware norm: replicated norms counted once
-        assert r["max_weight_diff_after_step"] <= 1e-6
+        # Adam's first step is ~lr * sign(grad): round-off in near-zero grads moves a few weights by
+        # a small fraction of lr (1e-2); a wrong shard or a skipped update moves them by ~lr.
+        assert r["max_weight_diff_after_step"] <= 1e-4
         assert abs(l1_1 - l1_2) <= 1e-5, (l1_1, l1_2)
         assert l1_2 < l0_2  # the step did something
 
@@ -395,7 +396,7 @@ def run_moe(rank, world_size):
         finalize_model_grads([ddp])
         grads = {reference_name(model, n): p.main_grad.detach().clone() for n, p in model.named_parameters()}
         out[name] = dict(loss=loss.item(), grads=grads,
-                         experts=list(model.decoder.layers[0].mlp.experts.local_expert_indices))
+                         experts=list(model.decoder.layers[0].mlp.local_expert_indices))
     return out
 
 
@@ -455,15 +456,15 @@ def run_optimizers(rank, world_size, clip_grad, steps):
             norms.append(norm)
         with torch.no_grad():
             losses.append(global_mean(lm_loss(ddp, toks).item()))
-        res = dict(losses=losses, norms=norms, optimizer=type(opt).__name__)
+        inner = getattr(opt, "chained_optimizers", [opt])
+        res = dict(losses=losses, norms=norms, optimizers=sorted({type(o).__name__ for o in inner}))
         if bf16:
             # bf16 model weights are the rounded fp32 main params after the step.
             res["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
-            main = [g for group in opt.shard_fp32_from_float16_groups for g in group]
-            res["main_dtypes"] = sorted({str(p.dtype) for p in main})
-            res["bf16_is_rounded_main"] = all(
-                torch.equal(p.detach().view(-1)[r.start:r.end], m.detach().bfloat16())
-                for p, m, r in _bf16_shards(opt))
+            shards = [s for o in inner for s in _bf16_shards(o)]
+            res["main_dtypes"] = sorted({str(m.dtype) for _, m, _ in shards})
+            res["bf16_is_rounded_main"] = len(shards) > 0 and all(
+                torch.equal(p.detach().view(-1)[r.start:r.end], m.detach().bfloat16()) for p, m, r in shards)
         out[name] = res
     return out
 
@@ -484,7 +485,7 @@ def test_distributed_optimizer_and_bf16_match_plain_adam():
     ref = results[0]["torch"]
     assert ref["norms"][0] > clip, "grad clipping must be active for this check"
     for r in results:
-        assert r["distopt"]["optimizer"] == "DistributedOptimizer"
+        assert r["distopt"]["optimizers"] == r["bf16"]["optimizers"] == ["DistributedOptimizer"]
         for name in ("ddp", "distopt"):
             assert r[name]["losses"] == pytest.approx(ref["losses"], abs=1e-5), name
             assert r[name]["norms"] == pytest.approx(ref["norms"], rel=1e-4), name

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Stop the one-node Slurm cluster that slurm/cluster/up.sh started.
+#
+#   slurm/cluster/down.sh [--purge]
+#
+# Cancels the jobs still queued or running (their processes would otherwise outlive slurmd), then
+# stops slurmd, slurmctld and munged by their pid files. --purge also deletes the controller state
+# (job queue, job ids) and the logs, so the next up.sh starts from job id 1. Packages and
+# /etc/slurm stay; running it when nothing is up is fine.
+set -euo pipefail
+
+PURGE=0
+case "${1:-}" in
+  --purge) PURGE=1 ;;
+  "") ;;
+  -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+  *) echo "down.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+esac
+say() { echo "[slurm down] $*"; }
+[ "$(id -u)" -eq 0 ] || { echo "[slurm down] error: needs root" >&2; exit 1; }
+
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+stop() {  # stop the daemon whose pid file is $1, named $2
+  alive "$1" || return 0
+  local pid; pid=$(cat "$1")
+  say "stopping $2 (pid $pid)"
+  kill "$pid"
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+if alive /run/slurmctld.pid && command -v squeue >/dev/null; then
+  jobs=$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')
+  if [ -n "${jobs// /}" ]; then
+    say "cancelling jobs: $jobs"
+    # shellcheck disable=SC2086
+    scancel $jobs || true
+    for _ in $(seq 60); do [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.5; done
+  fi
+fi
+stop /run/slurmd.pid slurmd
+stop /run/slurmctld.pid slurmctld
+stop /run/munge/munged.pid munged
+
+if [ "$PURGE" -eq 1 ]; then
+  say "removing controller state and logs"
+  rm -rf /var/lib/slurm/slurmctld/* /var/lib/slurm/slurmd/* /var/log/slurm/*
+fi
+say "down"

@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Bring up a one-node Slurm cluster on this Debian/Ubuntu machine, without systemd.
+#
+#   slurm/cluster/up.sh [--fake-gpus N] [--cpus N] [--timeout SECONDS]
+#
+# Installs slurmctld/slurmd/slurm-client/munge when missing, starts munged, writes slurm.conf and
+# cgroup.conf from `hostname`, `nproc` and the memory of this machine, starts slurmctld and slurmd
+# and waits until `sinfo` shows the node idle. Idempotent: a second run with the same options finds
+# everything up and returns in about a second; changed options rewrite the config and restart the
+# daemons. Needs root. Stop it with slurm/cluster/down.sh.
+#
+# Options (or the environment variables in brackets):
+#   --fake-gpus N   declare N GPUs on the node (gres gpu:N) backed by placeholder device files, so
+#                   `--gpus-per-node` requests schedule on a CPU-only machine [SLURM_FAKE_GPUS, 0]
+#   --cpus N        CPUs the node announces (config_overrides lets it exceed the real cores, so
+#                   8-rank-per-node scripts run on a small machine) [SLURM_NODE_CPUS, max(nproc, 8)]
+#   --timeout S     how long to wait for the node to turn idle [SLURM_UP_TIMEOUT, 60]
+set -euo pipefail
+
+FAKE_GPUS=${SLURM_FAKE_GPUS:-0}
+CPUS=${SLURM_NODE_CPUS:-}
+TIMEOUT=${SLURM_UP_TIMEOUT:-60}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --fake-gpus) FAKE_GPUS=$2; shift 2 ;;
+    --fake-gpus=*) FAKE_GPUS=${1#*=}; shift ;;
+    --cpus) CPUS=$2; shift 2 ;;
+    --cpus=*) CPUS=${1#*=}; shift ;;
+    --timeout) TIMEOUT=$2; shift 2 ;;
+    --timeout=*) TIMEOUT=${1#*=}; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "up.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+say() { echo "[slurm up] $*"; }
+die() { echo "[slurm up] error: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "needs root (it installs packages and starts the Slurm daemons)"
+
+HOST=$(hostname -s)
+CONF_DIR=/etc/slurm
+STATE_DIR=/var/lib/slurm
+LOG_DIR=/var/log/slurm
+PARTITION=debug
+real_cpus=$(nproc)
+[ -n "$CPUS" ] || CPUS=$(( real_cpus > 8 ? real_cpus : 8 ))
+mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
+REAL_MEMORY=$(( mem_mb * 85 / 100 ))
+
+# --- packages ---------------------------------------------------------------------------------------
+PACKAGES=(slurmctld slurmd slurm-client munge)
+missing=()
+for bin in slurmctld slurmd sbatch munged; do command -v "$bin" >/dev/null 2>&1 || missing+=("$bin"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install ${PACKAGES[*]}"
+  say "installing ${PACKAGES[*]} (missing: ${missing[*]})"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+  fi
+fi
+
+# --- munge --------------------------------------------------------------------------------------------
+# Without systemd nothing creates munge's run directory; munged must run as user munge.
+install -d -o munge -g munge -m 0755 /run/munge
+install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge /etc/munge
+if [ ! -s /etc/munge/munge.key ]; then
+  say "creating /etc/munge/munge.key"
+  runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
+fi
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+  say "starting munged"
+  runuser -u munge -- /usr/sbin/munged
+  for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
+  munge -n | unmunge >/dev/null || die "munged does not answer (see /var/log/munge/munged.log)"
+fi
+
+# --- configuration ------------------------------------------------------------------------------------
+# cgroup v1 (a freezer hierarchy) lets proctrack/cgroup kill a job's orphans at job end; Slurm 22.05's
+# cgroup/v2 wants systemd, so elsewhere fall back to proctrack/linuxproc.
+if [ -d /sys/fs/cgroup/freezer ]; then PROCTRACK=proctrack/cgroup; else PROCTRACK=proctrack/linuxproc; fi
+gres_line="" ; gres_types=""
+if [ "$FAKE_GPUS" -gt 0 ]; then
+  gres_types="GresTypes=gpu"
+  gres_line=" Gres=gpu:$FAKE_GPUS"
+fi
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cat >"$tmp/slurm.conf" <<EOF
+# Written by slurm/cluster/up.sh: a one-node cluster for development and CI. Edits are overwritten.
+ClusterName=local
+SlurmctldHost=$HOST
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# Short credential lifetime: a requeued job restarts in ~12 s instead of ~2.5 min.
+AuthInfo=cred_expire=10
+MpiDefault=none
+ProctrackType=$PROCTRACK
+TaskPlugin=task/none
+ReturnToService=2
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+StateSaveLocation=$STATE_DIR/slurmctld
+SlurmdSpoolDir=$STATE_DIR/slurmd
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+MailProg=$(command -v true)
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+# A request the partition can never satisfy is refused at submit time instead of pending forever.
+EnforcePartLimits=ALL
+# The node may announce more CPUs than it has cores.
+SlurmdParameters=config_overrides
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=600
+KillWait=30
+InactiveLimit=0
+$gres_types
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MEMORY$gres_line State=UNKNOWN
+PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+EOF
+cat >"$tmp/cgroup.conf" <<EOF
+# Written by slurm/cluster/up.sh.
+CgroupPlugin=cgroup/v1
+ConstrainCores=no
+ConstrainRAMSpace=no
+ConstrainDevices=no
+EOF
+: >"$tmp/gres.conf"
+if [ "$FAKE_GPUS" -gt 0 ]; then
+  # Placeholder character devices (NVIDIA's major number): Slurm only needs files to hand out.
+  for i in $(seq 0 $(( FAKE_GPUS - 1 ))); do
+    [ -e "/dev/fakegpu$i" ] || mknod "/dev/fakegpu$i" c 195 "$i"
+  done
+  echo "NodeName=$HOST Name=gpu File=/dev/fakegpu[0-$(( FAKE_GPUS - 1 ))]" >"$tmp/gres.conf"
+fi
+
+changed=0
+mkdir -p "$CONF_DIR"
+for f in slurm.conf cgroup.conf gres.conf; do
+  if ! cmp -s "$tmp/$f" "$CONF_DIR/$f"; then
+    install -m 0644 "$tmp/$f" "$CONF_DIR/$f"
+    changed=1
+  fi
+done
+install -d -m 0755 "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd" "$LOG_DIR"
+
+# --- daemons --------------------------------------------------------------------------------------------
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+stop() {  # stop the daemon whose pid file is $1
+  alive "$1" || return 0
+  local pid; pid=$(cat "$1")
+  kill "$pid"
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+if [ "$changed" -eq 1 ] && { alive /run/slurmctld.pid || alive /run/slurmd.pid; }; then
+  say "configuration changed: restarting slurmctld and slurmd"
+  stop /run/slurmd.pid
+  stop /run/slurmctld.pid
+fi
+if ! alive /run/slurmctld.pid; then
+  say "starting slurmctld ($HOST, $CPUS CPUs, ${REAL_MEMORY} MB, $FAKE_GPUS fake GPUs, $PROCTRACK)"
+  slurmctld
+fi
+if ! alive /run/slurmd.pid; then
+  say "starting slurmd"
+  slurmd
+fi
+
+# --- wait for the node ----------------------------------------------------------------------------------
+deadline=$(( SECONDS + TIMEOUT ))
+state=""
+while [ $SECONDS -lt $deadline ]; do
+  state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null | head -1 || true)
+  case "$state" in
+    idle|mixed|allocated|completing) say "node $HOST is $state (partition $PARTITION)"; exit 0 ;;
+    down*|drain*|drained*|fail*)
+      # A node that was down before (e.g. a previous daemon crash) stays down until resumed.
+      scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true ;;
+  esac
+  sleep 0.5
+done
+die "node $HOST not idle after ${TIMEOUT}s (state '${state:-no answer}'); see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd.log"
