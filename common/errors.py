@@ -9,6 +9,10 @@ class ConfigError(QwenPretrainError, ValueError):
     """A configuration value is invalid; the message names the field (e.g. ``parallel.tp``)."""
 
 
+class TrainingDivergedError(QwenPretrainError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
 def check_choice(field: str, value, choices: tuple) -> None:
     """Raise ConfigError naming ``field`` unless ``value`` is one of ``choices``.
 

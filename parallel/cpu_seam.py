@@ -1,9 +1,8 @@
 """The one place that makes megatron-core 0.16.1 run without CUDA (CPU + gloo).
 
 ``apply_cpu_seam()`` is called by ``parallel.mesh.init_distributed`` right after
-``init_process_group`` and before ``initialize_model_parallel``. With CUDA present it does nothing, so
-GPU runs take megatron-core's own code paths untouched. Without CUDA it patches megatron-core, never
-torch itself:
+``init_process_group`` and before ``initialize_model_parallel``. With CUDA present GPU runs take
+megatron-core's own code paths untouched. Without CUDA it patches megatron-core, never torch itself:
 
 1. ``torch`` inside megatron-core modules. megatron-core calls ``torch.cuda.current_device()``,
    ``torch.cuda.synchronize()``, ``torch.cuda.Stream()``/``Event()``, the CUDA RNG functions and
@@ -12,11 +11,16 @@ torch itself:
    namespace whose ``cuda`` attribute is ``_CudaOnCpu`` and whose tensor factories map a CUDA
    ``device=`` to the CPU. Code outside megatron-core keeps the real ``torch``.
 2. A few megatron-core functions, patched by name (see ``_patch_functions``): the CUDA RNG tracker,
-   the MoE ``te_general_gemm``/split-size helpers, ``Tensor.type()`` string checks in the optimizers,
-   ``.cuda()`` calls, and a guard against the gloo batched-p2p mismatch of interleaved pipelines.
+   the MoE split-size helper, ``Tensor.type()`` string checks in the optimizers, ``.cuda()`` calls
+   on the paths a trainer takes (tied embeddings with PP, TP batch broadcast, distributed-optimizer
+   checkpoint state), and a guard against the gloo batched-p2p mismatch of interleaved pipelines.
 
-Megatron-core's ``model_parallel_cuda_manual_seed`` then works on the CPU as it is: its "CUDA"
-generator *is* torch's CPU generator. ``model_parallel_seed`` wraps it for both devices.
+One fix is not about CUDA and is applied on GPU too: MoE routing raises ``NameError`` without
+TransformerEngine (``_define_missing_te_names``).
+
+Megatron-core's ``model_parallel_cuda_manual_seed`` then works on the CPU: the RNG tracker's
+"CUDA" states are states of torch's CPU generator, forked in and out exactly as on GPU, and, as on
+GPU, it leaves the default CPU generator as the caller seeded it. ``model_parallel_seed`` calls it.
 """
 from __future__ import annotations
 
@@ -148,6 +152,9 @@ class _CudaOnCpu(types.ModuleType):
         self.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
         self.manual_seed = lambda seed: torch.manual_seed(seed)
         self.manual_seed_all = lambda seed: torch.manual_seed(seed)
+        # ``model_parallel_cuda_manual_seed``'s own seeding of the default CUDA generator (see
+        # ``_patch_functions``): on the CPU that generator is torch's, which the caller seeded.
+        self.keep_default_generator = lambda seed: None
         self.random = types.SimpleNamespace(get_rng_state=self.get_rng_state,
                                             set_rng_state=self.set_rng_state,
                                             manual_seed=self.manual_seed)
@@ -305,7 +312,6 @@ def _replace_everywhere(original: Callable, replacement: Callable) -> None:
 
 
 def _patch_functions() -> None:
-    from megatron.core.distributed import finalize_model_grads  # noqa: F401  (loaded for patching)
     from megatron.core.models.common.language_module import language_module
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import p2p_communication
@@ -317,10 +323,12 @@ def _patch_functions() -> None:
     tp_random._get_cuda_rng_state = _rng_state
     tp_random._set_cuda_rng_state = _set_rng_state
     logging.getLogger(tp_random.__name__).addFilter(_DropCpuRngWarning())
+    # model_parallel_cuda_manual_seed(seed) also reseeds the default CUDA generator with ``seed``.
+    # On GPU that leaves torch's CPU generator alone; on the CPU it would overwrite the caller's
+    # ``torch.manual_seed`` (Megatron-LM: seed + 100 * pp_rank), so that one call becomes a no-op.
+    # The tracker's own states are still seeded (``CudaRNGStatesTracker.add`` is not rewritten).
+    _rewrite_code(tp_random.model_parallel_cuda_manual_seed, names={"manual_seed": "keep_default_generator"})
 
-    # MoE router: ``te_general_gemm`` is only defined when TransformerEngine imports -> NameError.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     # alltoall dispatcher: split sizes must become numpy (see ``_maybe_move_tensor_to_cpu``).
     _replace_everywhere(moe_utils.maybe_move_tensor_to_cpu, _maybe_move_tensor_to_cpu)
 
@@ -334,24 +342,41 @@ def _patch_functions() -> None:
     _rewrite_code(clip_grads.clip_grad_by_total_norm_fp32,
                   consts={"torch.cuda.FloatTensor": "torch.FloatTensor"})
 
-    # ``.cuda()`` raises without CUDA: tied embeddings across pipeline stages (all-reduce of the
-    # first/last stage copies) and tensor_parallel.broadcast_data (batch broadcast over TP).
+    # ``.cuda()`` raises without CUDA (``torch.cuda.X`` in these functions becomes ``torch.cpu.X``,
+    # which exists too): tied embeddings across pipeline stages (all-reduce of the first/last stage
+    # copies), tensor_parallel.broadcast_data (batch broadcast over TP), and the distributed
+    # optimizer's state gather behind ``sharded_state_dict`` with the "fully_reshardable" format.
     _rewrite_code(language_module.LanguageModule.setup_embeddings_and_output_layer,
                   names={"cuda": "cpu"})
     _rewrite_code(tp_data.broadcast_data, names={"cuda": "cpu"})
+    _rewrite_code(dopt.get_parameter_state_dp_zero, names={"cuda": "cpu"})
 
     # Interleaved pipeline + gloo: refuse the silently wrong batched p2p (see ``_guard_batched_p2p``).
     p2p_communication._batched_p2p_ops = _guard_batched_p2p(p2p_communication._batched_p2p_ops)
 
 
+def _define_missing_te_names() -> None:
+    """Not a CUDA issue, so also applied with CUDA: the GPU machine has no TransformerEngine either."""
+    from megatron.core.transformer.moe import moe_utils
+
+    # MoE router (every MoE forward): ``te_general_gemm`` is only bound when TransformerEngine
+    # imports, and ``RouterGatingLinearFunction.forward`` tests it -> NameError. None selects
+    # megatron-core's own torch.mm fallback, exactly what its ``extensions`` module binds without TE.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 # --------------------------------------------------------------------------------------------------
 def apply_cpu_seam() -> None:
-    """Make megatron-core 0.16.1 run on the CPU. Idempotent; a no-op when CUDA is available.
+    """Make megatron-core 0.16.1 run on the CPU. Idempotent.
 
-    Call it after ``torch.distributed.init_process_group`` and before
-    ``parallel_state.initialize_model_parallel`` and model construction.
+    With CUDA it only binds the TransformerEngine name missing without TE (``_define_missing_te_names``)
+    and leaves every megatron-core code path as it is. Call it after
+    ``torch.distributed.init_process_group`` and before ``parallel_state.initialize_model_parallel``
+    and model construction.
     """
     global _APPLIED, _TORCH_ON_CPU
+    _define_missing_te_names()
     if _APPLIED or torch.cuda.is_available():
         return
     for name in _EAGER_MODULES:
@@ -360,7 +385,8 @@ def apply_cpu_seam() -> None:
     for name, mod in list(sys.modules.items()):
         if name == "megatron.core" or name.startswith("megatron.core."):
             _rebind_torch(mod)
-    sys.meta_path.insert(0, _PatchOnImport())
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
     _patch_functions()
     _APPLIED = True
     log.debug("cpu_seam: megatron-core patched for CPU")
@@ -373,10 +399,13 @@ def cpu_seam_applied() -> bool:
 def model_parallel_seed(seed: int, **kwargs: Any) -> None:
     """``tensor_parallel.model_parallel_cuda_manual_seed(seed, **kwargs)`` on GPU and CPU alike.
 
-    On the CPU (after ``apply_cpu_seam``, applied here if needed) megatron-core's own function runs
-    unchanged; its "CUDA" generator is torch's CPU generator, so like ``torch.cuda.manual_seed`` on
-    GPU it also reseeds the default generator with ``seed``: pass the same per-pipeline-stage seed
-    you give ``torch.manual_seed`` (Megatron-LM uses ``seed + 100 * pp_rank`` for both).
+    Seeds megatron's RNG tracker: the model-parallel stream (``seed + 2718 + tp_rank``: TP-sharded
+    weight init, dropout inside TP regions), the expert stream and the data-parallel one. On the CPU
+    (the seam is applied here if needed) megatron-core's own function runs, with its tracker states
+    held by torch's CPU generator; as on GPU, torch's default generator stays as the caller seeded it.
+    Call it after ``initialize_model_parallel``. Pass a per-pipeline-stage seed (Megatron-LM:
+    ``seed + 100 * pp_rank``): the tracker seed does not depend on the stage, so with one seed every
+    stage's TP-sharded weights start from the same random stream.
     """
     apply_cpu_seam()
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

@@ -38,12 +38,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this rank when the test process dies (e.g. CI kills a hung pytest)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _child(rank: int, world_size: int, port: int, backend: str, timeout: float,
            fn: Callable[..., Any], args: tuple, kwargs: dict, conn) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    _die_with_parent()
     # The parent sends SIGUSR1 on timeout: every thread's Python stack goes to stderr before the kill.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     phase = "init_process_group"
@@ -119,8 +131,12 @@ class _Run:
                 else:
                     self.errors[r] = body
 
-    def stop(self, dump_stacks: bool) -> None:
-        """Kill the ranks still running (after dumping their stacks, one at a time); reap everything."""
+    def stop(self, *, dump_stacks: bool, grace: float) -> None:
+        """Reap the ranks: wait up to ``grace`` seconds for them to exit (flushing their output), then
+        kill the rest, after dumping their Python stacks one rank at a time if ``dump_stacks``."""
+        end = time.monotonic() + grace
+        for p in self.procs:
+            p.join(max(0.0, end - time.monotonic()))
         if dump_stacks:
             for p in self.procs:
                 if p.is_alive():
@@ -177,7 +193,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 run.collect(min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE_S))
         finally:
             hung = run.pending()
-            run.stop(dump_stacks=bool(hung) and not run.errors)
+            # All reported: let them exit normally. A failure or a hang: kill now (peers of a failed
+            # rank usually wait in a collective); on a pure hang, dump every stack first.
+            run.stop(dump_stacks=bool(hung) and not run.errors, grace=0.0 if hung or run.errors else 10.0)
         # Another process took the port between free_port() and rank 0's bind: retry on a new port.
         if run.errors and _address_in_use(run) and attempt < 2:
             continue

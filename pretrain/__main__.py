@@ -22,7 +22,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ConfigError
+from common.errors import ConfigError, TrainingDivergedError
 from pretrain.config import JobConfig, register_configs, validate_job
 from pretrain.data import Shards
 
@@ -78,6 +78,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDivergedError as exc:
+        print(f"training stopped: {exc}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

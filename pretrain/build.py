@@ -67,4 +67,5 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
                 name=t.run_name, config=dataclasses.asdict(job),
             ))
     return Trainer(module=module, batches_from=batches_from, checkpointer=Checkpointer(run_dir / "checkpoints", t.keep_last),
-                   callbacks=callbacks, mesh=mesh, steps=t.steps, save_every=t.save_every)
+                   callbacks=callbacks, mesh=mesh, steps=t.steps, save_every=t.save_every,
+                   max_bad_steps=t.max_bad_steps, inject_nan_steps=tuple(t.inject_nan_steps))

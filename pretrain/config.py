@@ -107,6 +107,10 @@ class TrainerConfig:
     """Checkpoints kept on disk."""
     plot_loss: bool = True
     """Write loss_curve.png into the run directory at the end."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)."""
+    inject_nan_steps: list[int] = field(default_factory=list)
+    """Testing hook: make the loss NaN at these steps (1-based) to exercise the NaN guard."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -114,6 +118,8 @@ class TrainerConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         check_choice("trainer.precision", self.precision, ("fp32", "bf16"))
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"trainer.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.save_every < 0:
             raise ConfigError(f"trainer.save_every must be >= 0, got {self.save_every}")
         if self.global_batch_size % self.micro_batch_size:

@@ -1,6 +1,7 @@
 """One optimizer step of Qwen2 on megatron-core: the model-specific half of training (the Trainer is the other)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,20 +29,27 @@ class StepResult:
     """True when the step was not applied (non-finite loss or gradients)."""
 
 
-def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, poison: bool, per_token_loss: torch.Tensor):
     # Per-token sums: megatron-core divides the gradients by the global token count (calculate_per_token_loss).
     mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    losses = per_token_loss.float().reshape(-1)
+    if poison:  # testing hook (trainer.inject_nan_steps): a non-finite loss and gradients, as a real blow-up gives
+        losses = losses * float("nan")
+    loss_sum = (losses * mask).sum()
     n_tokens = mask.sum().to(torch.int)
     return loss_sum, n_tokens, {"lm": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(poison: bool, data_iterator, model):
     batch = next(data_iterator)
     dev = device()
     tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
     output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
-    return output, partial(_loss_func, batch["loss_mask"].to(dev))
+    return output, partial(_loss_func, batch["loss_mask"].to(dev), poison)
+
+
+class _NonFiniteGradNorm(Exception):
+    pass
 
 
 class TrainModule:
@@ -60,8 +68,10 @@ class TrainModule:
         config.grad_scale_func = optimizer.scale_loss
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         self._forward_backward = get_forward_backward_func()
+        self._guard_grad_norm()
 
-    def train_batch(self, microbatches: list[dict[str, torch.Tensor]]) -> StepResult:
+    def train_batch(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool = False) -> StepResult:
+        """Forward/backward over the microbatches, then one optimizer step unless loss or gradients are not finite."""
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -69,7 +79,7 @@ class TrainModule:
         # Every virtual stage replays the same microbatches through its own iterator.
         iterators = [iter(microbatches) for _ in self.chunks]
         reports = self._forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=partial(_forward_step, poison),
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(microbatches),
@@ -78,8 +88,15 @@ class TrainModule:
             forward_only=False,
         )
         loss, tokens = _global_loss(reports)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not math.isfinite(loss):  # the same global value on every rank, so all ranks skip together
+            return StepResult(loss=loss, grad_norm=float("nan"), lr=lr, tokens=tokens, skipped=True)
         self.scheduler.step(increment=1)  # the LR of step s is the schedule at s (no wasted 0-LR step)
-        ok, grad_norm, _ = self.optimizer.step()
+        try:
+            ok, grad_norm, _ = self.optimizer.step()
+        except _NonFiniteGradNorm as bad:
+            self.scheduler.step(increment=-1)  # the step did not happen: neither does its LR change
+            return StepResult(loss=loss, grad_norm=bad.args[0], lr=lr, tokens=tokens, skipped=True)
         return StepResult(
             loss=loss,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
@@ -87,6 +104,21 @@ class TrainModule:
             tokens=tokens,
             skipped=not ok,
         )
+
+    def _guard_grad_norm(self) -> None:
+        """Abort ``optimizer.step()`` before clipping and updating when the global grad norm is not finite.
+
+        The norm is all-reduced over every model-parallel rank, so all ranks abort together.
+        """
+        compute = self.optimizer.get_grad_norm
+
+        def checked() -> float:
+            norm = compute()
+            if not math.isfinite(norm):
+                raise _NonFiniteGradNorm(float(norm))
+            return norm
+
+        self.optimizer.get_grad_norm = checked
 
 
 def _global_loss(reports: list[dict]) -> tuple[float, int]:

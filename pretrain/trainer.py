@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from common.errors import TrainingDivergedError
 from parallel.mesh import Mesh, device
 from pretrain.callbacks import Callback
 from pretrain.checkpoint import Checkpointer
@@ -20,7 +21,8 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm preemption / time limit
 
 class Trainer:
     def __init__(self, *, module: TrainModule, batches_from, checkpointer: Checkpointer, callbacks: list[Callback],
-                 mesh: Mesh, steps: int, save_every: int) -> None:
+                 mesh: Mesh, steps: int, save_every: int, max_bad_steps: int = 5,
+                 inject_nan_steps: tuple[int, ...] = ()) -> None:
         self.module = module
         self.batches_from = batches_from  # step -> iterator of per-step microbatch lists
         self.checkpointer = checkpointer
@@ -28,16 +30,21 @@ class Trainer:
         self.mesh = mesh
         self.steps = steps
         self.save_every = save_every
+        self.max_bad_steps = max_bad_steps
+        self.inject_nan_steps = set(inject_nan_steps)
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0
+        self._bad_in_a_row = 0
         self._stop_signal: int | None = None
 
     # Stateful: the checkpointer saves this next to the model and optimizer.
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def resume_if_possible(self) -> None:
         latest = self.checkpointer.latest()
@@ -52,10 +59,11 @@ class Trainer:
             batches = self.batches_from(self.step)
             saved_at = None
             while self.step < self.steps:
-                result = self.module.train_batch(next(batches))
+                result = self.module.train_batch(next(batches), poison=self.step + 1 in self.inject_nan_steps)
                 self.step += 1
                 self.tokens_seen += result.tokens
-                metrics: dict = {}
+                self._check_finite(result)
+                metrics: dict = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen}
                 self._call("on_step_end", self.step, result, metrics)
                 if self.save_every and self.step % self.save_every == 0:
                     self.checkpointer.save(self.step, self.module, self.state_dict())
@@ -72,6 +80,22 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _check_finite(self, result) -> None:
+        if not result.skipped:
+            self._bad_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self._bad_in_a_row += 1
+        log.warning("step %d skipped: loss %s, grad norm %s (%d in a row)", self.step, result.loss,
+                    result.grad_norm, self._bad_in_a_row)
+        if self._bad_in_a_row >= self.max_bad_steps:
+            last = self.checkpointer.latest()
+            raise TrainingDivergedError(
+                f"stopping at step {self.step}: {self._bad_in_a_row} consecutive steps had a non-finite loss or "
+                f"gradient norm (trainer.max_bad_steps={self.max_bad_steps}); last good checkpoint: "
+                f"{last if last else 'none saved yet'} (left as it is)"
+            )
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum

@@ -184,7 +184,7 @@ while [ $SECONDS -lt $deadline ]; do
   state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null | head -1 || true)
   case "$state" in
     idle|mixed|allocated|completing) say "node $HOST is $state (partition $PARTITION)"; exit 0 ;;
-    down*|drain*|drained*|fail*)
+    down*|drain*|fail*)
       # A node that was down before (e.g. a previous daemon crash) stays down until resumed.
       scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true ;;
   esac

@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 import sys
 import time
-from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core import tensor_parallel
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -46,13 +47,13 @@ def qwen2_tiny(**overrides) -> TransformerConfig:
     return TransformerConfig(**kw)
 
 
-def build_gpt(config: TransformerConfig, *, vp_stage: int | None = None) -> GPTModel:
+def build_gpt(config: TransformerConfig, *, vp_stage: int | None = None, tied: bool = False) -> GPTModel:
     vp = dict(ignore_virtual=False, vp_stage=vp_stage) if vp_stage is not None else {}
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, normalization="RMSNorm")
     return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                    rotary_base=1_000_000, share_embeddings_and_output_weights=False,
-                    pre_process=ps.is_pipeline_first_stage(**vp), post_process=ps.is_pipeline_last_stage(**vp),
-                    vp_stage=vp_stage)
+                    rotary_base=1_000_000, share_embeddings_and_output_weights=tied,
+                    pre_process=ps.is_pipeline_first_stage(**vp),
+                    post_process=ps.is_pipeline_last_stage(**vp), vp_stage=vp_stage)
 
 
 def setup(*, tp=1, pp=1, vpp=None, ep=1, seed=SEED) -> None:
@@ -82,6 +83,8 @@ def full_state(model) -> dict[str, torch.Tensor]:
 
 def reference_name(model: GPTModel, name: str) -> str:
     """Name of a local parameter in the TP1/PP1/EP1 model: global layer and expert numbers."""
+    if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
     m = re.match(r"decoder\.layers\.(\d+)\.", name)
     if m:
         layer = model.decoder.layers[int(m.group(1))]
@@ -193,6 +196,13 @@ def test_run_distributed_returns_per_rank_results():
     assert out == [{"rank": r, "world": 2, "sum": 2.0, "payload": [1, 2] * 3} for r in range(2)]
 
 
+@pytest.mark.timeout(120)
+def test_run_distributed_spawn_start_method():
+    # the start method NCCL needs; each rank re-imports torch and megatron-core (~10 s here)
+    out = run_distributed(run_echo, 2, "x", scale=2, timeout=90, start_method="spawn")
+    assert [o["payload"] for o in out] == ["xx", "xx"] and out[1]["sum"] == 2.0
+
+
 @pytest.mark.timeout(60)
 def test_run_distributed_reraises_the_failing_rank():
     with pytest.raises(ValueError, match="boom on rank 1") as info:
@@ -214,11 +224,14 @@ def test_run_distributed_kills_a_hung_rank_at_the_timeout():
 # --------------------------------------------------------------------------------------------------
 def run_seam_contract(rank, world_size):
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer.moe import moe_utils
 
+    te_missing_before = not hasattr(moe_utils, "te_general_gemm")
     real_is_available = torch.cuda.is_available
-    torch.cuda.is_available = lambda: True  # pretend to be a GPU machine: the seam must not touch megatron
+    torch.cuda.is_available = lambda: True  # pretend to be a GPU machine: megatron's CUDA paths stay
     apply_cpu_seam()
     untouched = not cpu_seam_applied() and tp_random.torch is torch
+    te_fixed_on_gpu = te_missing_before and moe_utils.te_general_gemm is None  # not a CUDA issue
     torch.cuda.is_available = real_is_available
 
     apply_cpu_seam()
@@ -241,20 +254,28 @@ def run_seam_contract(rank, world_size):
         model_parallel_seed(SEED)
         with get_cuda_rng_tracker().fork():
             draws.append(torch.rand(4))
-    default_after_seed = torch.rand(1)
+    # as on GPU, torch's default generator stays as the caller seeded it
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
     model_parallel_seed(SEED)
-    return dict(untouched=untouched, applied=cpu_seam_applied(), hooks=hooks, late_was_loaded=was_loaded,
+    first = torch.rand(1)
+    with get_cuda_rng_tracker().fork():  # forking in and out does not disturb it either
+        torch.rand(8)
+    default_kept = torch.equal(torch.cat([first, torch.rand(2)]), expected)
+    return dict(untouched=untouched, te_fixed_on_gpu=te_fixed_on_gpu, applied=cpu_seam_applied(), hooks=hooks,
+                late_was_loaded=was_loaded,
                 late_patched=late_mod.torch is not torch, same_draws=bool(torch.equal(*draws)),
-                draw=draws[0], default_repeats=bool(torch.equal(default_after_seed, torch.rand(1))))
+                draw=draws[0], default_kept=default_kept)
 
 
 @pytest.mark.timeout(90)
 def test_seam_is_idempotent_gpu_noop_and_routes_the_rng():
     r0, r1 = run_distributed(run_seam_contract, 2)
     for r in (r0, r1):
-        assert r["untouched"] and r["applied"] and r["hooks"] == 1
+        assert r["untouched"] and r["te_fixed_on_gpu"] and r["applied"] and r["hooks"] == 1
         assert r["late_patched"], "a megatron.core module imported after the seam kept the real torch"
-        assert r["same_draws"] and r["default_repeats"]
+        assert r["same_draws"] and r["default_kept"]
     assert not r0["late_was_loaded"]  # otherwise the late-import check proves nothing
     assert not torch.equal(r0["draw"], r1["draw"])  # TP ranks get different model-parallel streams
 
@@ -274,6 +295,10 @@ def run_tp2_vs_tp1(rank, world_size, clip_grad):
         else:
             load_reference(model, reference)
             out["qkv_rows"] = model.decoder.layers[0].self_attention.linear_qkv.weight.shape[0]
+            # tensor_parallel.broadcast_data: TP rank 0's batch reaches the other TP ranks.
+            data = {"tokens": toks if ps.get_tensor_model_parallel_rank() == 0 else None}
+            got = tensor_parallel.broadcast_data(["tokens"], data, torch.int64)["tokens"]
+            out["broadcast_ok"] = torch.equal(got, toks)
         ddp = wrap_ddp(model, config, distributed_optimizer=False)
         opt = megatron_optimizer(ddp, distributed=False, clip_grad=clip_grad)
         loss0, norm0 = train_step(ddp, opt, toks)
@@ -293,6 +318,7 @@ def test_tp2_matches_tp1_loss_grad_norm_and_step():
     for r in run_distributed(run_tp2_vs_tp1, 2, clip):
         (l0_1, n_1, l1_1), (l0_2, n_2, l1_2) = r[1], r[2]
         assert r["qkv_rows"] == (4 + 2 * 2) * 16 // 2  # really sharded: half of (q + k + v) rows
+        assert r["broadcast_ok"]
         assert abs(l0_1 - l0_2) <= 1e-5, (l0_1, l0_2)
         assert n_1 > clip, "grad clipping must be active for this check"
         assert n_2 == pytest.approx(n_1, rel=1e-5)  # TP-aware norm: replicated norms counted once
@@ -301,6 +327,37 @@ def test_tp2_matches_tp1_loss_grad_norm_and_step():
         assert r["max_weight_diff_after_step"] <= 1e-4
         assert abs(l1_1 - l1_2) <= 1e-5, (l1_1, l1_2)
         assert l1_2 < l0_2  # the step did something
+
+
+def run_recompute_with_dropout(rank, world_size):
+    """Full activation recompute replays dropout by saving/restoring the (CPU-routed) RNG states."""
+    toks = tokens(2, seed=3)
+    out = {}
+    full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    for name, recompute in (("plain", {}), ("recompute", full)):
+        setup(tp=2)
+        model = build_gpt(qwen2_tiny(hidden_dropout=0.1, attention_dropout=0.1, **recompute))
+        if name == "plain":
+            state = full_state(model)
+        else:
+            model.load_state_dict(state, strict=False)  # same TP layout: the non-tensor entries are None
+        loss = lm_loss(model, toks)
+        loss.backward()
+        out[name] = dict(loss=loss.item(), grads={n: p.grad.clone() for n, p in model.named_parameters()})
+    with torch.no_grad():  # no dropout in eval mode: the dropout runs above really dropped something
+        out["eval_loss"] = lm_loss(model.eval(), toks).item()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_full_recompute_replays_dropout_on_cpu():
+    results = run_distributed(run_recompute_with_dropout, 2)
+    for r in results:
+        assert r["recompute"]["loss"] == r["plain"]["loss"] != r["eval_loss"]
+        for name, g in r["recompute"]["grads"].items():
+            torch.testing.assert_close(g, r["plain"]["grads"][name], rtol=1e-6, atol=1e-9, msg=name)
+    # hidden dropout runs outside the TP region: both TP ranks must drop the same activations
+    assert results[0]["plain"]["loss"] == results[1]["plain"]["loss"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,7 +374,8 @@ def _forward_step(data_iterator, model):
 
     def loss_func(output):
         loss = output.float().mean()
-        return loss, {"loss": loss.detach()}
+        # clone: the schedule divides the returned loss in place by num_microbatches
+        return loss, {"loss": loss.detach().clone()}
 
     return out, loss_func
 
@@ -359,7 +417,8 @@ def test_pipeline_1f1b_and_interleaved_match_pp1():
     assert len(ref["losses"]) == 4
     for schedule in ("1f1b", "interleaved"):
         by_rank = [r[schedule] for r in results]
-        assert [r["layers"] for r in by_rank] == ([[1, 2], [3, 4]] if schedule == "1f1b" else [[1, 3], [2, 4]])
+        layers = [[1, 2], [3, 4]] if schedule == "1f1b" else [[1, 3], [2, 4]]  # interleaved: 1 per chunk
+        assert [r["layers"] for r in by_rank] == layers
         last = by_rank[1]
         assert by_rank[0]["losses"] == [] and len(last["losses"]) == 4  # losses live on the last stage
         for a, b in zip(ref["losses"], last["losses"]):
@@ -370,6 +429,41 @@ def test_pipeline_1f1b_and_interleaved_match_pp1():
             torch.testing.assert_close(g, ref["grads"][name], rtol=1e-4, atol=1e-6, msg=f"{schedule}: {name}")
     for r in results:  # the default batched p2p would swap messages on gloo: refused, loudly
         assert "batch_p2p_comm=False" in r["interleaved_batched"]
+
+
+def run_tied_pipeline(rank, world_size, num_microbatches):
+    """Qwen2-0.5B/1.5B tie the output layer to the embedding: across PP stages that is two copies."""
+    mbs = _microbatches(num_microbatches)
+    out = {}
+    for name, pp in (("pp1", 1), ("1f1b", 2)):
+        setup(pp=pp)
+        config = qwen2_tiny(num_layers=4)
+        model = build_gpt(config, tied=True)  # PP2: megatron all-reduces the stage copies here (.cuda())
+        if pp == 1:
+            reference = full_state(model)
+        else:
+            load_reference(model, reference)
+        ddp = wrap_ddp(model, config, distributed_optimizer=False)
+        config.finalize_model_grads_func = finalize_model_grads  # all-reduces the tied copies' grads
+        ddp.zero_grad_buffer()
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(mbs), model=[ddp],
+            num_microbatches=num_microbatches, seq_length=SEQ, micro_batch_size=1)
+        out[name] = dict(losses=[d["loss"].item() for d in losses],
+                         grads={(reference_name(model, n), n): p.main_grad.detach().clone()
+                                for n, p in model.named_parameters()})
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_tied_embeddings_across_two_pipeline_stages_match_pp1():
+    r0, r1 = run_distributed(run_tied_pipeline, 2, 4)
+    ref = {ref_name: g for (ref_name, _), g in r0["pp1"]["grads"].items()}
+    assert r1["1f1b"]["losses"] == pytest.approx(r0["pp1"]["losses"], abs=1e-5)
+    stage_grads = {**r0["1f1b"]["grads"], **r1["1f1b"]["grads"]}
+    assert ("embedding.word_embeddings.weight", "output_layer.weight") in r1["1f1b"]["grads"]
+    for (ref_name, name), g in stage_grads.items():  # both copies carry the full tied gradient
+        torch.testing.assert_close(g, ref[ref_name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,6 +552,14 @@ def run_optimizers(rank, world_size, clip_grad, steps):
             losses.append(global_mean(lm_loss(ddp, toks).item()))
         inner = getattr(opt, "chained_optimizers", [opt])
         res = dict(losses=losses, norms=norms, optimizers=sorted({type(o).__name__ for o in inner}))
+        if name == "distopt":
+            # The gather behind sharded_state_dict(..."fully_reshardable"): every rank gets all shards.
+            state = inner[0].get_parameter_state_dp_zero(use_gloo_comm=False, return_on_all_ranks=True)
+            gathered = torch.cat([t["param"] for gbuf, by_dtype in state.items()
+                                  if gbuf != "buckets_coalesced" for t in by_dtype.values()])
+            params = torch.cat([p.detach().view(-1) for p in model.parameters()])
+            res["gathered_state_ok"] = (gathered.numel() == params.numel()
+                                        and torch.allclose(gathered.sort().values, params.sort().values))
         if bf16:
             # bf16 model weights are the rounded fp32 main params after the step.
             res["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
@@ -486,11 +588,13 @@ def test_distributed_optimizer_and_bf16_match_plain_adam():
     assert ref["norms"][0] > clip, "grad clipping must be active for this check"
     for r in results:
         assert r["distopt"]["optimizers"] == r["bf16"]["optimizers"] == ["DistributedOptimizer"]
+        assert r["distopt"]["gathered_state_ok"]
         for name in ("ddp", "distopt"):
             assert r[name]["losses"] == pytest.approx(ref["losses"], abs=1e-5), name
             assert r[name]["norms"] == pytest.approx(ref["norms"], rel=1e-4), name
         assert abs(r["bf16"]["losses"][0] - ref["losses"][0]) <= 1e-2
         assert r["bf16"]["losses"] == pytest.approx(ref["losses"], abs=5e-2)
         assert r["bf16"]["losses"][-1] < r["bf16"]["losses"][0]
-        assert r["bf16"]["param_dtypes"] == ["torch.bfloat16"] and r["bf16"]["main_dtypes"] == ["torch.float32"]
+        assert r["bf16"]["param_dtypes"] == ["torch.bfloat16"]
+        assert r["bf16"]["main_dtypes"] == ["torch.float32"]
         assert r["bf16"]["bf16_is_rounded_main"]

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Train on a Slurm allocation: one `srun` task per node, each a torchrun that starts the node's ranks.
+#
+#   sbatch [sbatch options] slurm/pretrain.sh [--nproc-per-node N] [hydra overrides...]
+#   sbatch --nodes=4 --gpus-per-node=8 --time=24:00:00 slurm/pretrain.sh model=qwen2_1_5b parallel.tp=2
+#   slurm/submit.sh --nodes=2 slurm/pretrain.sh ...     # same, with the Slurm log in the run directory
+#
+# Ranks per node: $NPROC_PER_NODE or --nproc-per-node, else the GPUs Slurm allocated on the node
+# (--gpus-per-node), else 2 CPU processes. Every rank joins one rendezvous on the first node.
+# Run directory: runs/<run_name> under the submit directory, where run_name is trainer.run_name=...
+# from the overrides, else $RUN_NAME, else <job name>-<job id>. It is the same after a requeue (the
+# job keeps its id), and the trainer resumes from its checkpoints/latest.
+#
+# Preemption and time limit: Slurm sends SIGUSR1 to this shell <margin> seconds before the time limit
+# (--signal=B:USR1@<margin>; `scancel --signal=USR1 --batch <job>` does the same by hand). The shell
+# forwards it to the training processes, which finish their step, save a checkpoint and exit; then it
+# requeues the job, which restarts with SLURM_RESTART_COUNT+1 and resumes. It does not requeue when
+# training already finished, or when the run saved no new step (a margin too short for startup
+# would otherwise requeue forever). Make the margin cover one step + one checkpoint save.
+#
+# Environment: PYTHON (default python), NPROC_PER_NODE, RUN_NAME, RUNS_DIR (default
+# $SLURM_SUBMIT_DIR/runs), MASTER_PORT (default 20000 + job id % 20000), STOP_TIMEOUT (seconds
+# torchrun waits for ranks to save after the signal before killing them, default 240),
+# OMP_NUM_THREADS (default: the node's CPUs / ranks per node).
+#
+#SBATCH --job-name=pretrain
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+set -uo pipefail
+
+log() { echo "[pretrain.sh $(date +%H:%M:%S)] $*"; }
+
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  echo "slurm/pretrain.sh is an sbatch script: sbatch slurm/pretrain.sh [overrides] (or slurm/submit.sh)" >&2
+  exit 2
+fi
+
+# --- arguments -----------------------------------------------------------------------------------------
+nproc=${NPROC_PER_NODE:-}
+overrides=()
+run_name="" run_dir=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nproc-per-node) nproc=$2; shift 2; continue ;;
+    --nproc-per-node=*) nproc=${1#*=} ;;
+    trainer.run_name=*) run_name=${1#*=}; overrides+=("$1") ;;
+    hydra.run.dir=*) run_dir=${1#*=} ;;
+    *) overrides+=("$1") ;;
+  esac
+  shift
+done
+if [ -z "$nproc" ]; then
+  if [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ] 2>/dev/null; then nproc=$SLURM_GPUS_ON_NODE; else nproc=2; fi
+fi
+if [ -z "$run_name" ]; then
+  run_name=${RUN_NAME:-${SLURM_JOB_NAME%.sh}-$SLURM_JOB_ID}
+  overrides+=("trainer.run_name=$run_name")
+fi
+[ -n "$run_dir" ] || run_dir=${RUNS_DIR:-$SLURM_SUBMIT_DIR/runs}/$run_name
+case "$run_dir" in /*) ;; *) run_dir=$SLURM_SUBMIT_DIR/$run_dir ;; esac
+overrides+=("hydra.run.dir=$run_dir")
+mkdir -p "$run_dir"
+
+nnodes=$SLURM_JOB_NUM_NODES
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)
+port=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+restart=${SLURM_RESTART_COUNT:-0}
+cpus_on_node=${SLURM_CPUS_ON_NODE:-$(nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus_on_node / nproc > 0 ? cpus_on_node / nproc : 1 ))}
+
+latest_step() {  # the step of checkpoints/latest, 0 without one
+  local latest; latest=$(cat "$run_dir/checkpoints/latest" 2>/dev/null) || { echo 0; return; }
+  latest=${latest##*_}; echo $(( 10#${latest:-0} ))
+}
+planned_steps() {  # trainer.steps of this run, from the config the trainer wrote
+  "${PYTHON:-python}" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["trainer"]["steps"])' \
+    "$run_dir/resolved_config.yaml" 2>/dev/null || echo -1
+}
+
+step_at_start=$(latest_step)
+echo "job $SLURM_JOB_ID restart $restart on $SLURM_JOB_NODELIST at $(date -Is): from step $step_at_start," \
+  "log $(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p')" >>"$run_dir/slurm_jobs.log"
+log "job $SLURM_JOB_ID (restart $restart): $nnodes node(s) x $nproc ranks, rendezvous $head_node:$port," \
+  "run dir $run_dir, checkpoint step $step_at_start"
+
+# --- signals -----------------------------------------------------------------------------------------
+stop_signal="" srun_pid=""
+# shellcheck disable=SC2317  # called from the traps below
+forward() {
+  stop_signal=$1
+  log "got SIG$1: forwarding it to the training processes"
+  [ -n "$srun_pid" ] && kill -s "$1" "$srun_pid" 2>/dev/null
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# --- launch --------------------------------------------------------------------------------------------
+srun_opts=(--nodes="$nnodes" --ntasks-per-node=1 --ntasks="$nnodes" --kill-on-bad-exit=1)
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+# torchrun must pass SIGUSR1 on (by default it dies of it, and the step's ranks with it) and give the
+# ranks time to save before it kills them.
+# shellcheck disable=SC2054  # the commas belong to --signals-to-handle
+torchrun=(
+  "${PYTHON:-python}" -m torch.distributed.run
+  --nnodes="$nnodes" --nproc-per-node="$nproc"
+  --rdzv-backend=c10d --rdzv-endpoint="$head_node:$port" --rdzv-id="$SLURM_JOB_ID"
+  --max-restarts=0
+  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+  --shutdown-timeout="${STOP_TIMEOUT:-240}"
+)
+log "srun ${srun_opts[*]} ${torchrun[*]} -m pretrain ${overrides[*]}"
+srun "${srun_opts[@]}" "${torchrun[@]}" -m pretrain "${overrides[@]}" &
+srun_pid=$!
+[ -n "$stop_signal" ] && kill -s "$stop_signal" "$srun_pid" 2>/dev/null
+# `wait` returns early when a trapped signal arrives: wait again until srun has really exited.
+while :; do
+  wait "$srun_pid"; rc=$?
+  kill -0 "$srun_pid" 2>/dev/null || break
+done
+log "training processes exited with status $rc"
+# After a forwarded signal torchrun exits 1 with a SignalException traceback even when every rank
+# saved and exited 0: what decides is the checkpoint the ranks left.
+
+if [ "$stop_signal" != USR1 ]; then
+  exit "$rc"
+fi
+step=$(latest_step) steps=$(planned_steps)
+if [ "$step" -ge "$steps" ] && [ "$steps" -ge 0 ]; then
+  log "training finished at step $step of $steps: not requeueing"
+  exit 0
+fi
+if [ "$step" -le "$step_at_start" ]; then
+  log "no new checkpoint since step $step_at_start: not requeueing (is the signal margin shorter than startup + one step + a save?)"
+  exit 1
+fi
+log "checkpoint at step $step of $steps: requeueing job $SLURM_JOB_ID"
+scontrol requeue "$SLURM_JOB_ID"
+exit 0
