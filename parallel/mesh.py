@@ -93,9 +93,11 @@ def init_distributed(parallel: ParallelConfig, *, seed: int, timeout_minutes: in
         distributed_timeout_minutes=timeout_minutes,
     )
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    # Same seed on every data-parallel replica; megatron's RNG tracker derives the per-TP-rank streams.
-    torch.manual_seed(seed + 100 * pp_rank)
-    model_parallel_seed(seed)
+    # As Megatron-LM: one seed per pipeline stage (stages hold different layers), the same on every
+    # data-parallel replica; megatron's RNG tracker derives the per-TP-rank streams from it.
+    stage_seed = seed + 100 * pp_rank
+    torch.manual_seed(stage_seed)
+    model_parallel_seed(stage_seed)
     mesh = Mesh(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),

@@ -65,7 +65,8 @@ class Trainer:
                 self._check_finite(result)
                 metrics: dict = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen}
                 self._call("on_step_end", self.step, result, metrics)
-                if self.save_every and self.step % self.save_every == 0:
+                # No periodic save inside a bad streak: the last good checkpoint stays the newest.
+                if self.save_every and self.step % self.save_every == 0 and not result.skipped:
                     self.checkpointer.save(self.step, self.module, self.state_dict())
                     saved_at = self.step
                 if self._stop_requested():

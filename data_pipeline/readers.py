@@ -1,0 +1,119 @@
+"""Readers: datatrove's JSONL/Parquet readers, plus the accounting this pipeline needs.
+
+datatrove's readers skip a line that is not JSON, or a record without text, with one warning and no count.
+Here every input record is counted: ``total`` = ``forwarded`` + ``dropped``, with ``dropped_bad_json`` and
+``dropped_missing_text`` as reasons (the same stat names datatrove's filters use), so the read stage
+conserves counts like every other stage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.readers import JsonlReader, ParquetReader
+from datatrove.utils.logging import logger
+from datatrove.utils.typeshelper import StatHints
+
+from common.errors import ConfigError
+
+
+class _CountingMixin:
+    """Counts each record a reader parses, and why one yields no document."""
+
+    def get_document_from_dict(self, data, source_file, id_in_file):
+        self.stat_update(StatHints.total)
+        if not isinstance(data, dict):
+            self._drop("bad_json")
+            return None
+        text = data.get(self.text_key)
+        if not isinstance(text, str) or not text:
+            self._drop("missing_text")
+            return None
+        document = super().get_document_from_dict(data, source_file, id_in_file)
+        self.stat_update(StatHints.forwarded)
+        return document
+
+    def _drop(self, reason: str) -> None:
+        self.stat_update(StatHints.dropped, f"dropped_{reason}")
+
+
+class CountingJsonlReader(_CountingMixin, JsonlReader):
+    """JsonlReader that counts, rather than only logs, undecodable lines. Blank lines are not records."""
+
+    def read_file(self, filepath: str):
+        import orjson
+
+        with self.data_folder.open(filepath, "r", compression=self.compression) as f:
+            for line_no, line in enumerate(f):
+                if not line.strip():
+                    continue
+                with self.track_time():
+                    try:
+                        data = orjson.loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        self.stat_update(StatHints.total)
+                        self._drop("bad_json")
+                        logger.warning(f"{filepath}:{line_no + 1}: not JSON ({exc}); skipped")
+                        continue
+                    document = self.get_document_from_dict(data, filepath, line_no)
+                if document:
+                    yield document
+
+
+class CountingParquetReader(_CountingMixin, ParquetReader):
+    """ParquetReader that counts rows without text."""
+
+
+class RankFileReader(JsonlReader):
+    """Reads, in task ``rank``, exactly the file that task ``rank`` of the previous stage wrote
+    (``<rank>.jsonl.gz``, or nothing if that task kept no document).
+
+    Dedup signatures number documents per task, so a later stage must see each task's documents in the
+    same order; datatrove's own file sharding would shift files between tasks once one task wrote none.
+    """
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        name = f"{rank:05d}.jsonl.gz"
+        for doc in self.read_files_shard([name] if self.data_folder.exists(name) else []):
+            self.update_doc_stats(doc)
+            yield doc
+
+
+def _format_of(path: str, format: str) -> str:
+    if format != "auto":
+        return format
+    return "parquet" if path.endswith((".parquet", ".pq")) else "jsonl"
+
+
+def build_readers(paths: list[str], *, format: str, text_key: str, id_key: str, limit: int,
+                  progress: bool) -> list:
+    """One reader per input path (a file, or a directory read recursively). Readers chain in a pipeline."""
+    readers = []
+    for path in paths:
+        p = Path(path)
+        folder, glob = (str(p.parent), p.name) if p.is_file() else (str(p), None)
+        kind = _format_of(path, format)
+        cls = CountingParquetReader if kind == "parquet" else CountingJsonlReader
+        if kind == "parquet" and glob is None:
+            glob = "**/*.parquet"
+        readers.append(cls(folder, glob_pattern=glob, text_key=text_key, id_key=id_key, limit=limit,
+                           doc_progress=progress))
+    return readers
+
+
+def check_inputs(paths: list[str]) -> list[str]:
+    """Absolute input paths; a missing local one is a ConfigError naming it. Remote URLs pass through."""
+    resolved = []
+    for i, path in enumerate(paths):
+        if "://" in path:
+            resolved.append(path)
+            continue
+        p = Path(path).expanduser().resolve()
+        if not p.exists():
+            raise ConfigError(f"data_pipeline.input.paths[{i}]={path!r} does not exist (looked for {p})")
+        if p.is_dir() and not any(f.is_file() for f in p.rglob("*")):
+            raise ConfigError(f"data_pipeline.input.paths[{i}]={path!r} is an empty directory")
+        resolved.append(str(p))
+    return resolved

@@ -1,0 +1,151 @@
+"""Checkpoints survive kill -9, resharding, corruption; the NaN guard skips and stops."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import Checkpointer, verify
+from pretrain.testing import write_learnable_shards
+
+REPO = Path(__file__).resolve().parents[2]
+COMMON = ["trainer.wandb.mode=disabled", "trainer.log_every=1", "data.seq_len=64", "optim.warmup_steps=2",
+          "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "trainer.plot_loss=false"]
+
+
+def command(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "pretrain", f"data.paths=[{shards}]", f"hydra.run.dir={run_dir}", *COMMON,
+            *overrides]
+
+
+def run(run_dir, shards, *overrides, expect_rc=0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(run_dir, shards, *overrides), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; a step run twice (before a kill and after the resume) keeps its last value."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def kill_at_step(run_dir, shards, step: int, *overrides) -> None:
+    """Start a run and SIGKILL its whole process group once it has logged ``step``."""
+    proc = subprocess.Popen(command(run_dir, shards, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and step in losses(run_dir):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert step in losses(run_dir), "the run never reached the step to kill at"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_learnable_shards(tmp_path_factory.mktemp("shards"), vocab_size=256)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", ["single", "tp2"])
+def test_resume_after_kill9_is_bit_identical(tmp_path, shards, layout):
+    args = (f"parallel={layout}", "trainer.steps=8", "trainer.save_every=2", "trainer.keep_last=3")
+    run(tmp_path / "straight", shards, *args)
+    reference = losses(tmp_path / "straight")
+
+    kill_at_step(tmp_path / "killed", shards, 5, *args)  # dies after the step-4 checkpoint
+    assert Checkpointer(tmp_path / "killed" / "checkpoints", 3).latest().name == "step_00000004"
+    run(tmp_path / "killed", shards, *args)
+    resumed = losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 9))
+    assert [resumed[s] for s in range(5, 9)] == [reference[s] for s in range(5, 9)]  # bit-identical
+
+
+@pytest.mark.timeout(900)
+def test_resharded_resume_continues_with_the_same_loss(tmp_path, shards):
+    args = ("trainer.steps=6", "trainer.save_every=4")
+    run(tmp_path / "tp2", shards, "parallel=tp2", *args)
+    reference = losses(tmp_path / "tp2")
+    for layout in ("single", "pp2"):
+        run_dir = tmp_path / layout
+        (run_dir / "checkpoints").mkdir(parents=True)
+        # Start the new layout from the TP2 checkpoint of step 4.
+        src = tmp_path / "tp2" / "checkpoints" / "step_00000004"
+        subprocess.run(["cp", "-r", str(src), str(run_dir / "checkpoints" / src.name)], check=True)
+        (run_dir / "checkpoints" / "latest").write_text(src.name)
+        run(run_dir, shards, f"parallel={layout}", *args)
+        got = losses(run_dir)
+        assert sorted(got) == [5, 6]
+        for step in (5, 6):
+            assert abs(got[step] - reference[step]) <= 1e-5, (layout, step, got[step], reference[step])
+
+
+@pytest.mark.timeout(600)
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, shards, caplog):
+    run(tmp_path, shards, "parallel=single", "trainer.steps=4", "trainer.save_every=2")
+    ckpts = Checkpointer(tmp_path / "checkpoints", keep_last=2)
+    assert ckpts.latest().name == "step_00000004"
+    victim = max((p for p in (tmp_path / "checkpoints" / "step_00000004").rglob("*.distcp")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert "truncated" in verify(tmp_path / "checkpoints" / "step_00000004")
+    with caplog.at_level("WARNING", logger="pretrain"):
+        assert ckpts.latest().name == "step_00000002"
+    assert "step_00000004 is damaged" in caplog.text
+    # A resumed run picks the good one and redoes steps 3-4.
+    run(tmp_path, shards, "parallel=single", "trainer.steps=4", "trainer.save_every=2")
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert verify(tmp_path / "checkpoints" / "step_00000004") is None
+
+
+@pytest.mark.timeout(600)
+def test_pointer_never_names_a_partial_checkpoint_when_killed_mid_save(tmp_path, shards):
+    """Kill a run that saves every step at several moments; after each kill, `latest` verifies."""
+    args = ("parallel=single", "trainer.steps=400", "trainer.save_every=1", "trainer.keep_last=2")
+    for delay in (0.05, 0.13, 0.21, 0.34):
+        proc = subprocess.Popen(command(tmp_path, shards, *args), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        pointer = tmp_path / "checkpoints" / "latest"
+        start_count = len(losses(tmp_path)) if (tmp_path / "metrics.jsonl").exists() else 0
+        deadline = time.time() + 120
+        while time.time() < deadline and (not (tmp_path / "metrics.jsonl").exists()
+                                          or len(losses(tmp_path)) < start_count + 3):
+            time.sleep(0.02)
+        time.sleep(delay)  # land somewhere inside a save
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        named = tmp_path / "checkpoints" / pointer.read_text()
+        assert named.is_dir() and not named.name.endswith(".tmp")
+        assert verify(named) is None
+
+
+@pytest.mark.timeout(300)
+def test_nan_steps_are_skipped_and_counted_then_stop(tmp_path, shards):
+    run(tmp_path / "a", shards, "parallel=single", "trainer.steps=6", "trainer.inject_nan_steps=[3]")
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    # The skipped step did not advance the schedule: step 4 runs at the LR of schedule position 3
+    # (warm-up 2 steps to 1e-3, cosine over 6 steps to 1e-4).
+    position3 = 1e-4 + 0.5 * (math.cos(math.pi * (3 - 2) / (6 - 2)) + 1) * (1e-3 - 1e-4)
+    assert rows[2]["lr"] == pytest.approx(1e-3) and rows[3]["lr"] == pytest.approx(position3)
+
+    proc = run(tmp_path / "b", shards, "parallel=single", "trainer.steps=8", "trainer.save_every=2",
+               "trainer.inject_nan_steps=[3,4,5]", "trainer.max_bad_steps=3", expect_rc=3)
+    assert "stopping at step 5: 3 consecutive steps" in proc.stderr
+    assert "last good checkpoint:" in proc.stderr and "step_00000002" in proc.stderr
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert verify(tmp_path / "b" / "checkpoints" / "step_00000002") is None
