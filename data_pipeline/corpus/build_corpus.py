@@ -38,14 +38,17 @@ What it does:
    edition, or, for ja/zh/ru, with < 30% native-script letters), so no
    accidental cross-language duplicates sneak in.
 4. Keeps all English documents and a deterministic, chapter-spread sample of
-   the other languages, up to a per-language character budget.
+   the other languages (whole pages in seeded order until a per-language
+   UTF-8 byte budget is reached, then back in book order).
 5. Plants, deterministically, exact duplicates (verbatim copies under a new
-   id), near duplicates (a real document with a few words changed and one
-   sentence dropped; word 5-gram Jaccard with its source verified >= 0.8) and
+   id), near duplicates (a real document with one sentence dropped, two word
+   pairs swapped and one short word doubled; word 5-gram Jaccard with its
+   source verified >= 0.8) and
    low-quality documents (real garbage taken from the same pages: table of
    contents fragments, navigation bars, lone headings, ``pre`` separator
-   lines, a repeated boilerplate line).
-6. Shuffles everything with a fixed seed, numbers the ids in file order and
+   lines, raw listings, repeated lines).
+6. Inserts the planted documents at seeded random positions among the
+   originals (which keep book order), numbers the ids in file order and
    writes the three output files.
 """
 from __future__ import annotations
@@ -104,7 +107,7 @@ class _HandbookParser(html.parser.HTMLParser):
     SKIP_CLASSES = {
         "toc", "docnav", "navheader", "navfooter", "indexterm", "table",
         "informaltable", "figure", "mediaobject", "legalnotice", "footnotes",
-        "example", "informalexample", "calloutlist", "titlepage-skip",
+        "example", "informalexample", "calloutlist",
     }
     BLOCK_TAGS = {"h1", "h2", "h3", "h4", "h5", "dt"}
     CAPTURE_CLASSES = {"toc", "docnav"}

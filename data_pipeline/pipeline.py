@@ -1,0 +1,324 @@
+"""Raw documents -> filtered, deduplicated, tokenized Megatron shards + manifest.json, as datatrove stages.
+
+Stages, in order (each a datatrove pipeline run by one executor; a stage starts when the previous ended):
+
+1. ``filter``         read (counting bad records) -> quality filters -> write survivors [-> exact-dedup signatures]
+2. ``exact_find``     find duplicate signatures across all tasks (1 task)
+3. ``exact_dedup``    drop the duplicates found [-> MinHash signatures]
+4. ``minhash_buckets``, ``minhash_cluster``, ``minhash_dedup``: MinHash LSH near-deduplication
+5. ``train_tokenizer`` byte-level BPE on every kept document (1 task; skipped for a given tokenizer)
+6. ``tokenize``       kept documents -> ``shards/<task>_tokens.{bin,idx}``, EOS after each document
+7. ``manifest``       stats.json, then manifest.json (atomic, last)
+
+Every stage logs to ``<output_dir>/logs/<stage>/``; datatrove marks each finished task there, so running the
+same job again resumes where it stopped (and does nothing once complete).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from datatrove.pipeline.dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+from datatrove.pipeline.dedup.minhash import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.hashing import HashConfig
+
+from common.errors import ConfigError
+from data_pipeline.config import DataPipelineConfig
+from data_pipeline.filters import build_filters
+from data_pipeline.manifest import Accounted, StageCounts
+from data_pipeline.readers import RankFileReader, build_readers, check_inputs
+from data_pipeline.tokenizer import ShardWriter, TrainBpeTokenizer, shard_prefix
+
+log = logging.getLogger("data_pipeline")
+
+
+# SHA-1 (64-bit prefix) rather than datatrove's default xxhash: datatrove's xxhash helper needs xxhash<4
+# (4.x refuses str), and the xxhash package is not a dependency of datatrove[io] anyway.
+HASH = HashConfig(precision=64, hash_fc="sha1")
+
+
+def document_text(doc) -> str:
+    """What exact deduplication hashes. Module level: steps are pickled to worker processes."""
+    return doc.text
+
+
+@dataclass
+class Layout:
+    """Every path under one output directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def excluded(self) -> Path:
+        return self.root / "excluded"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def kept(self) -> Path:
+        """The documents that survive every filter and dedup step, one ``<task>.jsonl.gz`` per task."""
+        return self.work / "kept"
+
+    def logs(self, stage: str) -> Path:
+        return self.root / "logs" / stage
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "pipeline_config.json"
+
+
+@dataclass
+class Stage:
+    """One datatrove pipeline and how many tasks run it."""
+
+    name: str
+    pipeline: list
+    tasks: int
+    accounted: list[tuple[int, str, str]] = field(default_factory=list)
+    """(step index, stage name in stats.json, reason for unlabeled drops) of the steps whose counts we report."""
+
+
+def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> list[Stage]:
+    """The datatrove pipelines of the job, in the order they run (see the module docstring)."""
+    tasks = cfg.executor.tasks
+    lang = cfg.filters.text_language
+    per_rank = ["filter"] + (["exact_dedup"] if cfg.dedup.exact else []) + \
+        (["minhash_dedup"] if cfg.dedup.minhash.enabled else [])
+    # Each per-task stage writes its survivors, one file per task; the last one writes work/kept/.
+    out_of = {name: layout.work / name for name in per_rank}
+    out_of[per_rank[-1]] = layout.kept
+
+    readers = build_readers(inputs, format=cfg.input.format, text_key=cfg.input.text_key, id_key=cfg.input.id_key,
+                            limit=cfg.input.limit, progress=cfg.progress)
+    filters = build_filters(cfg.filters, layout.excluded)
+    first = Stage("filter", [*readers, *(f for _, f in filters), JsonlWriter(str(out_of["filter"]))], tasks)
+    first.accounted = [(i, "read", "other") for i in range(len(readers))]
+    first.accounted += [(len(readers) + i, name, name) for i, (name, _) in enumerate(filters)]
+    stages, last = [first], first
+
+    if cfg.dedup.exact:
+        exact = ExactDedupConfig(content_getter=document_text, hash_config=HASH)
+        sigs, dups = layout.work / "exact_sigs", layout.work / "exact_dups"
+        last.pipeline.append(ExactDedupSignature(str(sigs), config=exact))
+        stages.append(Stage("exact_find", [ExactFindDedups(str(sigs), str(dups), config=exact)], 1))
+        last = Stage("exact_dedup", [
+            RankFileReader(str(out_of["filter"])),
+            ExactDedupFilter(str(dups), config=exact, exclusion_writer=JsonlWriter(str(layout.excluded / "exact_dedup"))),
+            JsonlWriter(str(out_of["exact_dedup"])),
+        ], tasks, accounted=[(1, "exact_dedup", "duplicate")])
+        stages.append(last)
+
+    if cfg.dedup.minhash.enabled:
+        m = cfg.dedup.minhash
+        mh = MinhashConfig(n_grams=m.n_grams, num_buckets=m.num_buckets, hashes_per_bucket=m.hashes_per_bucket,
+                           seed=m.seed, hash_config=HASH)
+        sigs, buckets, remove = (layout.work / f"minhash_{x}" for x in ("sigs", "buckets", "remove_ids"))
+        source = out_of[per_rank[per_rank.index("minhash_dedup") - 1]]
+        last.pipeline.append(MinhashDedupSignature(str(sigs), config=mh, language=lang))
+        stages.append(Stage("minhash_buckets", [MinhashDedupBuckets(str(sigs), str(buckets), config=mh)],
+                            m.num_buckets))
+        stages.append(Stage("minhash_cluster", [MinhashDedupCluster(str(buckets), str(remove), config=mh)], 1))
+        last = Stage("minhash_dedup", [
+            RankFileReader(str(source)),
+            MinhashDedupFilter(str(remove), exclusion_writer=JsonlWriter(str(layout.excluded / "minhash_dedup"))),
+            JsonlWriter(str(layout.kept)),
+        ], tasks, accounted=[(1, "minhash_dedup", "near_duplicate")])
+        stages.append(last)
+
+    tok = cfg.tokenizer
+    if tok.source == "train":
+        stages.append(Stage("train_tokenizer", [
+            JsonlReader(str(layout.kept), glob_pattern="*.jsonl.gz"),
+            TrainBpeTokenizer(str(layout.tokenizer), vocab_size=tok.vocab_size, special_tokens=tok.special_tokens,
+                              min_frequency=tok.min_frequency, show_progress=cfg.progress),
+        ], 1))
+    stages.append(Stage("tokenize", [
+        RankFileReader(str(layout.kept)),
+        ShardWriter(str(layout.shards), str(layout.tokenizer), eos_token=tok.eos_token,
+                    parse_special_tokens=tok.parse_special_tokens),
+    ], tasks))
+
+    from data_pipeline.manifest import WriteManifest
+
+    accounted = [Accounted(stage, str(layout.logs(s.name)), step, reason)
+                 for s in stages for step, stage, reason in s.accounted]
+    stages.append(Stage("manifest", [WriteManifest(
+        str(layout.root), accounted=accounted, eos_token=tok.eos_token, source=inputs,
+        shard_prefixes=[f"shards/{shard_prefix(rank)}" for rank in range(tasks)])], 1))
+    return stages
+
+
+def build_executors(cfg: DataPipelineConfig, stages: list[Stage], layout: Layout) -> list:
+    """One datatrove executor per stage, each depending on the one before (local or Slurm, same stages)."""
+    executors, previous = [], None
+    for stage in stages:
+        common = dict(pipeline=stage.pipeline, tasks=stage.tasks, logging_dir=str(layout.logs(stage.name)),
+                      depends=previous, skip_completed=True)
+        if cfg.executor.kind == "local":
+            from datatrove.executor import LocalPipelineExecutor
+
+            executor = LocalPipelineExecutor(**common, workers=min(cfg.executor.workers, stage.tasks))
+        else:
+            from datatrove.executor import SlurmPipelineExecutor
+
+            s = cfg.executor.slurm
+            executor = SlurmPipelineExecutor(
+                **common, time=s.time, partition=s.partition, cpus_per_task=s.cpus_per_task,
+                mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos, venv_path=s.venv_path,
+                sbatch_args=dict(s.sbatch_args) or None, job_name=f"data_{stage.name}",
+                slurm_logs_folder=str(layout.root / "slurm_logs" / stage.name),
+                max_array_launch_parallel=s.max_array_launch_parallel)
+        executors.append(executor)
+        previous = executor
+    return executors
+
+
+def _fingerprint(cfg: DataPipelineConfig, inputs: list[str]) -> dict:
+    """The settings a finished output depends on (not: where it runs, how many workers, progress bars)."""
+    data = asdict(cfg)
+    data["input"]["paths"] = inputs
+    for key in ("overwrite", "progress", "output_dir"):
+        data.pop(key)
+    data["executor"] = {"tasks": cfg.executor.tasks}
+    return json.loads(json.dumps(data))  # as it reads back from disk (int dict keys become strings)
+
+
+def _flatten(d, prefix=""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d
+
+
+def prepare_output(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> None:
+    """Start fresh (overwrite), or check that an existing output was made by the same settings."""
+    if cfg.overwrite and layout.root.exists():
+        log.info("data_pipeline.overwrite: removing %s", layout.root)
+        shutil.rmtree(layout.root)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    wanted = _fingerprint(cfg, inputs)
+    if layout.config.exists():
+        previous = json.loads(layout.config.read_text())
+        if previous != wanted:
+            old, new = dict(_flatten(previous)), dict(_flatten(wanted))
+            diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            raise ConfigError(
+                f"data_pipeline.output_dir={cfg.output_dir!r} holds a run with different settings "
+                f"({', '.join(diff)}): set data_pipeline.overwrite=true to replace it, or pick another output_dir")
+    else:
+        layout.config.write_text(json.dumps(wanted, indent=2) + "\n")
+    if not layout.manifest.exists():  # e.g. deleted by hand: let the manifest stage run again
+        (layout.logs("manifest") / "completions" / "00000").unlink(missing_ok=True)
+
+
+def install_tokenizer(cfg: DataPipelineConfig, layout: Layout) -> None:
+    """For a tokenizer that is given rather than trained: check it, then put it at ``<output_dir>/tokenizer.json``."""
+    from tokenizers import Tokenizer
+
+    from data_pipeline.tokenizer import check_special_tokens, copy_atomic, save_atomic
+
+    tok_cfg = cfg.tokenizer
+    if tok_cfg.source == "file":
+        src = Path(tok_cfg.path).expanduser().resolve()
+        if not src.is_file():
+            raise ConfigError(f"data_pipeline.tokenizer.path={tok_cfg.path!r} does not exist")
+        try:
+            tok = Tokenizer.from_file(str(src))
+        except Exception as exc:  # the tokenizers library raises plain Exceptions on a bad file
+            raise ConfigError(f"data_pipeline.tokenizer.path={tok_cfg.path!r} is not a tokenizer.json: {exc}") from exc
+        check_special_tokens(tok, tok_cfg.special_tokens, tok_cfg.eos_token, f"data_pipeline.tokenizer.path={tok_cfg.path!r}")
+        if src != layout.tokenizer:
+            copy_atomic(src, layout.tokenizer)
+    elif tok_cfg.source == "qwen2":
+        from data_pipeline.qwen_vocab import find_qwen_tiktoken, qwen2_tokenizer
+
+        path = tok_cfg.tiktoken_path or find_qwen_tiktoken()
+        tok = qwen2_tokenizer(path)
+        check_special_tokens(tok, tok_cfg.special_tokens, tok_cfg.eos_token, f"the Qwen2 tokenizer from {path}")
+        save_atomic(tok, layout.tokenizer)
+
+
+@dataclass
+class Summary:
+    """What a run produced: per-stage counts, and the manifest (None when submitted to Slurm)."""
+
+    output_dir: Path
+    stages: list[StageCounts]
+    manifest: dict | None
+    submitted: bool = False
+
+    @classmethod
+    def load(cls, output_dir: Path) -> "Summary":
+        layout = Layout(output_dir)
+        stats = json.loads(layout.stats.read_text())
+        stages = [StageCounts(**s) for s in stats["stages"]]
+        return cls(layout.root, stages, json.loads(layout.manifest.read_text()))
+
+    def table(self) -> str:
+        if self.submitted:
+            return f"submitted to Slurm; the manifest will be written to {self.output_dir / 'manifest.json'}"
+        rows = [("stage", "read", "kept", "dropped", "reasons")]
+        for s in self.stages:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items(), key=lambda kv: -kv[1]))
+            rows.append((s.stage, str(s.read), str(s.kept), str(sum(s.dropped.values())), reasons))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join([r[0].ljust(widths[0]), *(r[i].rjust(widths[i]) for i in (1, 2, 3)), r[4]]).rstrip()
+                 for r in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        m = self.manifest
+        lines.append(f"\n{m['documents']} documents, {m['tokens']} tokens in {len(m['shards'])} shard(s) ({m['dtype']}); "
+                     f"vocab {m['vocab_size']}, eod_id {m['eod_id']}")
+        lines.append(f"manifest: {self.output_dir / 'manifest.json'}")
+        return "\n".join(lines)
+
+
+def run_pipeline(cfg: DataPipelineConfig) -> Summary:
+    """Run (or resume) the whole job described by ``cfg``; return its counts and manifest.
+
+    Raises ConfigError for a bad input path, tokenizer file or an output directory made by other settings.
+    """
+    inputs = check_inputs(list(cfg.input.paths))
+    layout = Layout(Path(cfg.output_dir))
+    prepare_output(cfg, layout, inputs)
+    install_tokenizer(cfg, layout)
+    stages = build_stages(cfg, layout, inputs)
+    executors = build_executors(cfg, stages, layout)
+    log.info("data pipeline: %s -> %s (%s)", ", ".join(inputs), layout.root, " -> ".join(s.name for s in stages))
+    executors[-1].run()  # runs (or submits) its dependencies first
+    if cfg.executor.kind == "slurm":
+        return Summary(layout.root, [], None, submitted=True)
+    return Summary.load(layout.root)
