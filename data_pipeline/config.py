@@ -193,6 +193,11 @@ class FiltersConfig:
     text_language: str = "eng"
     """datatrove language code (ISO 639-3) whose word tokenizer the Gopher/C4/FineWeb rules use; 'eng' =
     spaCy's blank English tokenizer (no model download)."""
+    rules_languages: list[str] | None = field(default_factory=lambda: ["en"])
+    """The Gopher/C4/FineWeb rules are tuned for English: apply them only to documents whose
+    ``metadata.language`` (from the input record, or set by the language filter) is listed here; documents
+    in other languages pass them untouched (still deduplicated). Documents without a language get the
+    rules. null = apply the rules to every document."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -264,7 +269,7 @@ class SlurmConfig:
     """Where and how executor.kind='slurm' submits (one sbatch job array per stage, chained by dependencies)."""
 
     partition: str | None = None
-    """Slurm partition; None = the cluster's default."""
+    """Slurm partition (required for executor.kind='slurm')."""
     time: str = "12:00:00"
     """Time limit per job array."""
     cpus_per_task: int = 1
@@ -294,6 +299,9 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         check_choice("data_pipeline.executor.kind", self.kind, ("local", "slurm"))
+        if self.kind == "slurm" and not self.slurm.partition:
+            raise ConfigError("data_pipeline.executor.slurm.partition must be set when data_pipeline.executor.kind="
+                              "'slurm' (see `sinfo`)")
         _check_min("executor", "tasks", self.tasks, 1)
         _check_min("executor", "workers", self.workers, 1)
 

@@ -1,9 +1,12 @@
 """Helpers for tests and demos: small synthetic corpora with known good, bad and duplicate documents."""
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
+
+from data_pipeline.config import DataPipelineConfig, InputConfig, TokenizerConfig
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ra", "tu", "so", "vel", "dor", "pen", "sta", "ric", "mon", "tal", "ber",
               "gin", "fu", "cha", "pol", "wen", "ist", "ar", "ul", "em", "qua", "zo", "bri", "ted", "lan", "mor"]
@@ -36,14 +39,14 @@ def near_duplicate(rng: random.Random, text: str, *, edits: int = 2) -> str:
 
 
 def write_corpus(path: Path, *, good: int = 40, exact_dups: int = 5, near_dups: int = 0, seed: int = 0,
-                 extra_lines: list[str] | None = None) -> dict:
+                 extra_texts: list[str] = (), extra_lines: list[str] = ()) -> dict:
     """Write a JSONL corpus and return what is in it.
 
     ``good`` unique documents that pass every default filter; ``exact_dups`` byte-identical copies of some of
-    them; ``near_dups`` copies with two words changed; one document each that the Gopher-quality (too short),
-    Gopher-repetition (one line repeated) and C4 (lorem ipsum) rules drop; then ``extra_lines`` verbatim
-    (e.g. broken JSON). Returned counts: good, exact_dups, near_dups, bad (3), extra, records, and the
-    texts of the good documents.
+    them; ``near_dups`` copies with two words changed; one document each that the default filters drop (too
+    short, one line repeated, lorem ipsum: ids ``short``, ``repetitive``, ``lorem``); a document per
+    ``extra_texts`` entry (id ``extra-<i>``); then ``extra_lines`` verbatim (e.g. broken JSON). Returns the
+    counts (good, exact_dups, near_dups, bad=3, records) and the good documents' ``texts``.
     """
     rng = random.Random(seed)
     texts = [prose(rng) for _ in range(good)]
@@ -57,10 +60,26 @@ def write_corpus(path: Path, *, good: int = 40, exact_dups: int = 5, near_dups: 
     lorem = prose(rng).split("\n")
     lorem[2] = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor."
     records.append({"id": "lorem", "text": "\n".join(lorem)})
+    records += [{"id": f"extra-{i}", "text": t} for i, t in enumerate(extra_texts)]
     rng.shuffle(records)
-    lines = [json.dumps(r, ensure_ascii=False) for r in records] + list(extra_lines or [])
+    lines = [json.dumps(r, ensure_ascii=False) for r in records] + list(extra_lines)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return {"good": good, "exact_dups": exact_dups, "near_dups": near_dups, "bad": 3,
-            "extra": len(extra_lines or []), "records": len(records) + len(extra_lines or []), "texts": texts}
+            "records": len(records) + len(extra_lines), "texts": texts}
+
+
+def small_config(inputs: list[Path], out: Path, *, vocab_size: int = 1000, **kwargs) -> DataPipelineConfig:
+    """A quick job for tests: a small vocabulary, no progress bars."""
+    kwargs.setdefault("tokenizer", TokenizerConfig(vocab_size=vocab_size))
+    return DataPipelineConfig(input=InputConfig(paths=[str(p) for p in inputs]), output_dir=str(out),
+                              progress=False, **kwargs)
+
+
+def read_jsonl_gz(path: Path) -> list[dict]:
+    """The records of one of the pipeline's ``<task>.jsonl.gz`` files ([] if the task wrote none)."""
+    if not Path(path).exists():
+        return []
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]

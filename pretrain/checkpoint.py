@@ -14,6 +14,7 @@ it, and the newest one that verifies is used.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,8 +34,15 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loadab
 _CHECKSUMS = "checksums.json"
 
 
+def unwrap(chunk):
+    """The GPTModel inside the DDP and bf16 wrappers (checkpoint keys are the bare model's)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _sharded_state(train_module, *, is_loading: bool, extra: dict) -> dict:
-    chunks = train_module.chunks
+    chunks = [unwrap(c) for c in train_module.chunks]
     if len(chunks) == 1:
         state = {"model": chunks[0].sharded_state_dict()}
     else:
@@ -157,12 +165,14 @@ class Checkpointer:
     def load(self, path: Path, train_module) -> dict:
         """Load model, optimizer, schedule and RNG from ``path``; return the trainer state saved with them."""
         common = dist_checkpointing.load_common_state_dict(str(path))
+        _materialise_optimizer_state(train_module.optimizer)
         state = _sharded_state(train_module, is_loading=True, extra={"trainer": common["trainer"]})
         loaded = dist_checkpointing.load(state, str(path))
-        chunks = train_module.chunks
+        chunks = [unwrap(c) for c in train_module.chunks]
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"])
-        train_module.optimizer.load_state_dict(loaded["optimizer"])
+        with _keep_adam_step_on_load(train_module.optimizer):
+            train_module.optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_step(train_module.optimizer)
         train_module.scheduler.load_state_dict(loaded["scheduler"])
         rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
@@ -173,6 +183,41 @@ class Checkpointer:
             log.warning("checkpoint %s was saved by %d ranks, this job has %d: RNG states start fresh",
                         path, saved_world, dist.get_world_size())
         return loaded["trainer"]
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no state yet, and megatron-core's distributed optimizer can only describe
+    (and so load into) states that exist: create them with its own dummy-value step first."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+@contextlib.contextmanager
+def _keep_adam_step_on_load(optimizer):
+    """megatron-core 0.16.1 without apex/TransformerEngine (our CPU and GPU images alike): the reshardable
+    parameter state it loads has no ``step``, yet it copies every torch-Adam state key, ``step`` included
+    (KeyError). ``step`` is restored from the param groups instead; keep it out of the per-parameter copy."""
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None:
+            continue
+
+        def set_states(model_param, tensors, _opt=opt, _original=original):
+            group, order = _opt.model_param_group_index_map[model_param]
+            current = _opt.optimizer.state[_opt.optimizer.param_groups[group]["params"][order]]
+            if "step" in current and "step" not in tensors:
+                tensors = {**tensors, "step": current["step"]}
+            return _original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class method
 
 
 def _unshare_adam_step(optimizer) -> None:

@@ -51,6 +51,8 @@ def _may_start_processes():
     """run_distributed's ranks are daemonic processes, and megatron's torch_dist writer starts helper
     processes (a spawn Manager, forked file writers), which daemonic processes may not: lift the flag
     while saving."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     config = multiprocessing.current_process()._config
     was = config.get("daemon")
     config["daemon"] = False
@@ -58,6 +60,11 @@ def _may_start_processes():
         yield
     finally:
         config["daemon"] = was
+        # Stop the writer's Manager now: the ranks may be killed once they report, orphaning it.
+        queue = filesystem_async._results_queue
+        if queue is not None:
+            queue._manager.shutdown()
+            filesystem_async._results_queue = None
 
 
 def _setup(layout: dict) -> None:
@@ -204,33 +211,42 @@ def run_parity(rank: int, world_size: int, hf_dirs: dict, refs: dict, import_dir
             with _may_start_processes():
                 save_model_checkpoint(chunks, out_root / f"ckpt-{case}", common)
         results[case] = r
-    results["trainer_checkpoint"] = _trainer_checkpoint(hf_dirs["dense"], out_root / "run")
+    results["trainer_checkpoint"] = _trainer_checkpoint(hf_dirs["dense"], out_root / "run", refs["dense"]["tokens"])
     return results
 
 
-def _trainer_checkpoint(hf_dir: Path, run_dir: Path) -> str:
-    """A real trainer checkpoint (model + distributed optimizer + schedule) at TP2, from HF weights."""
+def _trainer_checkpoint(hf_dir: Path, run_dir: Path, tokens: torch.Tensor) -> tuple[str, dict]:
+    """A real trainer checkpoint (model + distributed optimizer + schedule) at TP2 after one step from
+    the HF weights, and the weights it should hold (in HF naming, gathered from the ranks)."""
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
     from parallel.config import ParallelConfig
     from pretrain.build import build_train_module
     from pretrain.checkpoint import Checkpointer
-    from pretrain.config import DataConfig, JobConfig
+    from pretrain.config import DataConfig, JobConfig, TrainerConfig
     from pretrain.models.qwen2.convert import init_chunks_from
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, model_config_from_hf
+    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, Layout, local_state_dict, model_config_from_hf, to_hf
 
     _setup(dict(tp=2))
     model = model_config_from_hf(HFCheckpoint(hf_dir).config, name="dense")
-    job = JobConfig(model=model, parallel=ParallelConfig(tp=2), data=DataConfig(seq_len=S))
+    job = JobConfig(model=model, parallel=ParallelConfig(tp=2), data=DataConfig(seq_len=S),
+                    trainer=TrainerConfig(micro_batch_size=B, global_batch_size=B))
     module = build_train_module(job, MEGATRON_VOCAB)
     init_chunks_from(module.chunks, model, hf_dir)
+    module.optimizer.reload_model_params()  # the hook belongs before the optimizer; here it runs after
+    labels = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
+    # (The distributed optimizer cannot save before its first step: its state does not exist yet.)
+    module.train_batch([dict(tokens=tokens, labels=labels, loss_mask=torch.ones(B, S),
+                             position_ids=torch.arange(S).unsqueeze(0).expand(B, S))])
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True)
         (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
     with _may_start_processes():
-        Checkpointer(run_dir / "checkpoints", keep_last=1).save(0, module, {"step": 0, "tokens_seen": 0})
-    return str(run_dir / "checkpoints")
+        Checkpointer(run_dir / "checkpoints", keep_last=1).save(1, module, {"step": 1, "tokens_seen": B * S})
+    shards: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, (Layout.current(), local_state_dict(module.chunks[0])))
+    return str(run_dir / "checkpoints"), to_hf(shards, model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,8 +284,9 @@ def parity(hf_dirs, tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     refs = {name: _hf_reference(d, seed=i) for i, (name, d) in enumerate(hf_dirs.items())}
     ranks = run_distributed(run_parity, 2, dict(hf_dirs), refs, import_dir, out_root, timeout=400)
+    trainer_root, trained = ranks[0]["trainer_checkpoint"]
     merged: dict = {"refs": refs, "import_dir": import_dir, "out_root": out_root,
-                    "trainer_checkpoint": Path(ranks[0]["trainer_checkpoint"])}
+                    "trainer_checkpoint": Path(trainer_root), "trained": trained}
     for case in CASES:
         per_rank = [r[case] for r in ranks]
         m = {"offsets_ok": all(r["offsets_ok"] for r in per_rank),
@@ -401,8 +418,13 @@ def test_export_trainer_checkpoint(parity, hf_dirs, tmp_path):
     """A Checkpointer checkpoint (with optimizer state); the model shape comes from the run's resolved_config.yaml."""
     from pretrain.models.qwen2.convert import main
 
+    from pretrain.models.qwen2.hf_adapter import HFCheckpoint
+
     assert main(["export", "--checkpoint", str(parity["trainer_checkpoint"]), "--out", str(tmp_path / "hf")]) == 0
-    _assert_same_hf(tmp_path / "hf", hf_dirs["dense"])
+    exported, trained, original = HFCheckpoint(tmp_path / "hf"), parity["trained"], HFCheckpoint(hf_dirs["dense"])
+    assert sorted(exported) == sorted(trained) == sorted(original)
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert not torch.equal(exported["model.norm.weight"], original["model.norm.weight"])  # it did train
 
 
 def test_import_cli_then_export_drops_vocab_padding(parity, hf_dirs, tmp_path):

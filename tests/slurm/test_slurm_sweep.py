@@ -16,7 +16,7 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install
 def test_lr_sweep_runs_as_a_job_array(slurm, shards, tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "pretrain", "-m", "cluster=slurm", "cluster.time_min=10", "optim.lr=1e-3,2e-3",
-           f"hydra.sweep.dir={sweep}", f"data.paths=[{shards}]", "model=qwen2_tiny", "parallel=tp2",
+           f"hydra.sweep.dir={sweep}", f"data.paths=[{shards}]", "model=qwen2_tiny", "parallel=single",
            "data.seq_len=64", "trainer.steps=3", "trainer.log_every=1", "trainer.wandb.mode=disabled",
            "trainer.plot_loss=false"]
     proc = subprocess.run(cmd, cwd=slurm.repo, capture_output=True, text=True, timeout=480,
@@ -31,6 +31,6 @@ def test_lr_sweep_runs_as_a_job_array(slurm, shards, tmp_path):
         assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
         assert f"lr: {lr}" in (run / "resolved_config.yaml").read_text()
     # One array of two tasks, its allocation taken from the cluster group.
-    (sbatch_file,) = {p.read_text() for p in sweep.glob(".submitit/*/submission_file.sh")} or {""}
+    (sbatch_file,) = {p.read_text() for p in sweep.glob(".submitit/*/*_submission.sh")} or {""}
     assert "#SBATCH --array=0-1" in sbatch_file, sbatch_file
     assert "#SBATCH --time=10" in sbatch_file and "#SBATCH --cpus-per-task=2" in sbatch_file
