@@ -37,7 +37,7 @@ from datatrove.utils.hashing import HashConfig
 from common.errors import ConfigError
 from data_pipeline.config import DataPipelineConfig
 from data_pipeline.filters import build_filters
-from data_pipeline.manifest import Accounted, StageCounts
+from data_pipeline.manifest import Accounted, StageCounts, WriteManifest
 from data_pipeline.readers import RankFileReader, build_readers, check_inputs
 from data_pipeline.tokenizer import ShardWriter, TrainBpeTokenizer, shard_prefix
 
@@ -135,7 +135,7 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
         last.pipeline.append(ExactDedupSignature(str(sigs), config=exact))
         stages.append(Stage("exact_find", [ExactFindDedups(str(sigs), str(dups), config=exact)], 1))
         last = Stage("exact_dedup", [
-            RankFileReader(str(out_of["filter"])),
+            RankFileReader(str(out_of["filter"]), doc_progress=cfg.progress),
             ExactDedupFilter(str(dups), config=exact, exclusion_writer=JsonlWriter(str(layout.excluded / "exact_dedup"))),
             JsonlWriter(str(out_of["exact_dedup"])),
         ], tasks, accounted=[(1, "exact_dedup", "duplicate")])
@@ -152,7 +152,7 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
                             m.num_buckets))
         stages.append(Stage("minhash_cluster", [MinhashDedupCluster(str(buckets), str(remove), config=mh)], 1))
         last = Stage("minhash_dedup", [
-            RankFileReader(str(source)),
+            RankFileReader(str(source), doc_progress=cfg.progress),
             MinhashDedupFilter(str(remove), exclusion_writer=JsonlWriter(str(layout.excluded / "minhash_dedup"))),
             JsonlWriter(str(layout.kept)),
         ], tasks, accounted=[(1, "minhash_dedup", "near_duplicate")])
@@ -166,12 +166,10 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
                               min_frequency=tok.min_frequency, show_progress=cfg.progress),
         ], 1))
     stages.append(Stage("tokenize", [
-        RankFileReader(str(layout.kept)),
+        RankFileReader(str(layout.kept), doc_progress=cfg.progress),
         ShardWriter(str(layout.shards), str(layout.tokenizer), eos_token=tok.eos_token,
                     parse_special_tokens=tok.parse_special_tokens),
     ], tasks))
-
-    from data_pipeline.manifest import WriteManifest
 
     accounted = [Accounted(stage, str(layout.logs(s.name)), step, reason)
                  for s in stages for step, stage, reason in s.accounted]
@@ -279,7 +277,8 @@ class Summary:
     output_dir: Path
     stages: list[StageCounts]
     manifest: dict | None
-    submitted: bool = False
+    slurm_jobs: list[str] = field(default_factory=list)
+    """Slurm job ids, one per stage that had work left (executor.kind='slurm'); the last writes the manifest."""
 
     @classmethod
     def load(cls, output_dir: Path) -> "Summary":
@@ -289,8 +288,9 @@ class Summary:
         return cls(layout.root, stages, json.loads(layout.manifest.read_text()))
 
     def table(self) -> str:
-        if self.submitted:
-            return f"submitted to Slurm; the manifest will be written to {self.output_dir / 'manifest.json'}"
+        if self.manifest is None:
+            return (f"submitted to Slurm as job(s) {', '.join(self.slurm_jobs) or '(none: all done)'}; the last one "
+                    f"writes {self.output_dir / 'manifest.json'}")
         rows = [("stage", "read", "kept", "dropped", "reasons")]
         for s in self.stages:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items(), key=lambda kv: -kv[1]))
@@ -320,5 +320,8 @@ def run_pipeline(cfg: DataPipelineConfig) -> Summary:
     log.info("data pipeline: %s -> %s (%s)", ", ".join(inputs), layout.root, " -> ".join(s.name for s in stages))
     executors[-1].run()  # runs (or submits) its dependencies first
     if cfg.executor.kind == "slurm":
-        return Summary(layout.root, [], None, submitted=True)
+        jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
+        if not jobs and layout.manifest.exists():  # nothing left to do
+            return Summary.load(layout.root)
+        return Summary(layout.root, [], None, slurm_jobs=jobs)
     return Summary.load(layout.root)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import secrets
 import torch
 
 from pretrain.train_module import StepResult
@@ -106,7 +107,14 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
         rows[row["step"]] = row["loss"]  # a resumed run may repeat steps: the last write wins
     steps = sorted(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [rows[s] for s in steps])
+    losses = [rows[s] for s in steps]
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    smoothed, ema = [], losses[0] if losses else 0.0
+    for value in losses:  # exponential moving average: the trend through per-batch noise
+        ema = 0.9 * ema + 0.1 * value if value == value else ema
+        smoothed.append(ema)
+    ax.plot(steps, smoothed, label="moving average (0.9)")
+    ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(metrics_path.parent.name)
@@ -130,7 +138,7 @@ class WandbLogger(Callback):
             mode = "offline"
         # A stable id per run directory: a requeued job appends to the same wandb run.
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.run = wandb.init(dir=str(run_dir), mode=mode, project=project, entity=entity, group=group,
                               name=name, id=run_id, resume="allow", config=config)

@@ -111,7 +111,8 @@ SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
 MailProg=$(command -v true)
 SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2
+# Schedule every 2 s; cancel jobs whose dependency failed instead of leaving them pending forever.
+SchedulerParameters=sched_interval=2,bf_interval=2,kill_invalid_depend
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # A request the partition can never satisfy is refused at submit time instead of pending forever.

@@ -13,7 +13,8 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     """Saved tiny models: dense (vocab 256), moe (vocab 256), dense_pad (vocab 250, tied embeddings)."""
     root = tmp_path_factory.mktemp("hf")
     dirs = {}
-    for name, kind, kw in (("dense", "dense", {}), ("moe", "moe", {}), ("dense_pad", "dense", dict(vocab_size=250, tied=True))):
+    models = (("dense", "dense", {}), ("moe", "moe", {}), ("dense_pad", "dense", dict(vocab_size=250, tied=True)))
+    for name, kind, kw in models:
         dirs[name] = root / name
         build_tiny_hf(kind, seed=len(dirs), **kw).save_pretrained(dirs[name])
     return dirs

@@ -99,7 +99,10 @@ def tiny():
 def _labelled_attention(model: ModelConfig) -> dict[str, torch.Tensor]:
     """q/k/v weights whose every row holds its head's label: q head i -> i, k head g -> 100 + g, v -> 200 + g."""
     d, h = model.head_dim, model.hidden_size
-    rows = lambda labels: torch.tensor(labels, dtype=torch.float32).repeat_interleave(d)[:, None].expand(-1, h)  # noqa: E731
+
+    def rows(labels):
+        return torch.tensor(labels, dtype=torch.float32).repeat_interleave(d)[:, None].expand(-1, h)
+
     return {"model.layers.0.self_attn.q_proj.weight": rows(range(model.num_heads)),
             "model.layers.0.self_attn.k_proj.weight": rows([100 + g for g in range(model.num_kv_heads)]),
             "model.layers.0.self_attn.v_proj.weight": rows([200 + g for g in range(model.num_kv_heads)])}
@@ -206,6 +209,14 @@ def test_checkpoint_reader_accepts_fused_experts_and_sharded_files(tiny, tmp_pat
     assert len(set(index["weight_map"].values())) > 1
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert all(torch.equal(v, canonical[k]) for k, v in hf_state_dict_from_module(loaded).items())
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_refused(hf_dirs):
+    from pretrain.models.qwen2.convert import init_chunks_from
+
+    model = dataclasses.replace(load_model_config("qwen2_tiny"), vocab_size=VOCAB)  # hidden 128 vs 64
+    with pytest.raises(ConversionError, match="hidden_size: checkpoint 64 vs model 128"):
+        init_chunks_from([], model, hf_dirs["dense"])
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -42,7 +42,7 @@ from pretrain.models.qwen2.hf_adapter import (
     model_config_from_hf,
     save_hf_checkpoint,
     to_hf,
-    _unwrap,
+    unwrap_chunk,
 )
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, model: str
     out = save_hf_checkpoint(out_dir, hf_sd, hf_config)
     if copy_files_from is not None:
         for f in Path(copy_files_from).iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            weights_or_config = f.suffix == ".safetensors" or f.name in ("config.json", "model.safetensors.index.json")
+            if f.is_file() and not weights_or_config:
                 shutil.copy2(f, out / f.name)
     log.info("exported %s -> %s (%d tensors, vocab %d)", ckpt, out, len(hf_sd), hf_vocab_size)
     return out
@@ -192,7 +193,7 @@ def init_chunks_from(chunks: list[torch.nn.Module], model: ModelConfig, source: 
     common = _load_common(ckpt)
     if "model_config" in common:
         _check_same_shape(ModelConfig(**common["model_config"]), model, ckpt)
-    gpts = [_unwrap(c) for c in chunks]
+    gpts = [unwrap_chunk(c) for c in chunks]
     keys = ["model"] if len(gpts) == 1 else [f"model{i}" for i in range(len(gpts))]
     state = {k: g.sharded_state_dict() for k, g in zip(keys, gpts)}
     try:
@@ -214,7 +215,7 @@ def save_model_checkpoint(chunks: list[torch.nn.Module], out_dir: str | Path, co
             raise ConversionError(f"{out} exists and is not empty")
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    gpts = [_unwrap(c) for c in chunks]
+    gpts = [unwrap_chunk(c) for c in chunks]
     state = {"model": gpts[0].sharded_state_dict()} if len(gpts) == 1 else {
         f"model{i}": g.sharded_state_dict() for i, g in enumerate(gpts)}
     state.update(common)
@@ -272,7 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf", required=True, help="Hugging Face checkpoint dir (config.json + *.safetensors)")
     imp.add_argument("--out", required=True, help="new checkpoint dir (must not exist or be empty)")
     for name in ("tp", "pp", "vpp", "ep"):
-        imp.add_argument(f"--{name}", type=int, default=1, help=f"{name} degree to convert with (output is layout-free)")
+        imp.add_argument(f"--{name}", type=int, default=1,
+                         help=f"{name} degree to convert with (the output loads under any layout)")
     imp.add_argument("--etp", type=int, default=None, help="expert tensor-parallel degree (default: tp)")
     imp.add_argument("--vocab-size", type=int, default=None, help="megatron vocabulary (pads the HF rows with zeros)")
     exp = sub.add_parser("export", help="trainer/import checkpoint -> HF dir")
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     try:
         if args.command == "export":

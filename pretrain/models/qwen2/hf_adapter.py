@@ -79,7 +79,8 @@ Semantic differences between megatron-core's MoE (as ``model.transformer_config`
 Rotary embeddings: megatron's ``RotaryEmbedding`` computes ``1 / base ** (arange(0, d, 2, fp32) / d)``
 in fp32, bit-identical to HF's default RoPE (checked in the tests); both rotate halves (not
 interleaved pairs). megatron builds the angles for positions ``0..S-1`` and ignores ``position_ids``
-unless packed sequences are used, so per-document position resets are HF-only behaviour.
+(only packed sequences change that, and ``SDPAttention`` refuses those), so per-document position
+resets (``reset_position_ids``) are HF-only behaviour: parity holds for positions ``0..S-1``.
 """
 from __future__ import annotations
 
@@ -108,6 +109,8 @@ __all__ = [
     "load_hf_into_chunks",
     "local_state_dict",
     "save_hf_checkpoint",
+    "global_from_checkpoint_tensors",
+    "unwrap_chunk",
 ]
 
 
@@ -522,7 +525,8 @@ def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, tor
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def _global_from_hf(global_key: str, hf: Mapping[str, torch.Tensor], model: ModelConfig, vocab_size: int) -> torch.Tensor:
+def _global_from_hf(global_key: str, hf: Mapping[str, torch.Tensor], model: ModelConfig,
+                    vocab_size: int) -> torch.Tensor:
     if global_key == "output_layer.weight" and model.tie_embeddings:
         global_key = "embedding.word_embeddings.weight"  # a later stage's copy of the tied embedding
     prefix, names, combine, kind, _ = _rule(global_key)
@@ -595,7 +599,8 @@ def _shard(tensor: torch.Tensor, kind: str, size: int, rank: int, what: str) -> 
     dim = 1 if kind == "row" else 0
     halves = tensor.chunk(2, dim=0) if kind == "glu" else (tensor,)
     if any(h.shape[dim] % size for h in halves):
-        raise ConversionError(f"{what}: dimension {dim} of shape {tuple(tensor.shape)} does not split over {size} ranks")
+        raise ConversionError(
+            f"{what}: dimension {dim} of shape {tuple(tensor.shape)} does not split over {size} ranks")
     return torch.cat([h.chunk(size, dim=dim)[rank] for h in halves], dim=0)
 
 
@@ -629,7 +634,8 @@ def to_megatron(hf: Mapping[str, torch.Tensor], model: ModelConfig, layout: Layo
     for local, global_key in megatron_keys(model, layout):
         _, _, _, kind, is_expert = _rule(global_key)
         size, rank = _tp_of(layout, is_expert)
-        out[local] = _shard(_global_from_hf(global_key, hf, model, vocab_size), kind, size, rank, global_key).contiguous()
+        tensor = _global_from_hf(global_key, hf, model, vocab_size)
+        out[local] = _shard(tensor, kind, size, rank, global_key).contiguous()
     return out
 
 
@@ -692,7 +698,7 @@ def global_from_checkpoint_tensors(stacked: Mapping[str, torch.Tensor], model: M
 # --------------------------------------------------------------------------------------------------
 # Live models
 # --------------------------------------------------------------------------------------------------
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+def unwrap_chunk(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
         chunk = chunk.module
@@ -701,7 +707,7 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 def local_state_dict(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A chunk's tensors under GPTModel names (wrappers removed, ``_extra_state`` dropped)."""
-    return {k: v for k, v in _unwrap(chunk).state_dict().items() if torch.is_tensor(v)}
+    return {k: v for k, v in unwrap_chunk(chunk).state_dict().items() if torch.is_tensor(v)}
 
 
 def load_hf_into_chunks(chunks: list[torch.nn.Module], hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
@@ -711,7 +717,7 @@ def load_hf_into_chunks(chunks: list[torch.nn.Module], hf: Mapping[str, torch.Te
     loudly instead of leaving random weights behind.
     """
     for i, chunk in enumerate(chunks):
-        gpt = _unwrap(chunk)
+        gpt = unwrap_chunk(chunk)
         layout = Layout.current(vp_stage=i if len(chunks) > 1 else None)
         actual = {k: v for k, v in gpt.state_dict(keep_vars=True).items() if torch.is_tensor(v)}
         wanted = to_megatron(hf, model, layout, vocab_size=gpt.vocab_size)
@@ -723,5 +729,6 @@ def load_hf_into_chunks(chunks: list[torch.nn.Module], hf: Mapping[str, torch.Te
             for key, value in wanted.items():
                 if actual[key].shape != value.shape:
                     raise ConversionError(
-                        f"{key}: mapped shape {tuple(value.shape)} != chunk shape {tuple(actual[key].shape)} ({layout})")
+                        f"{key}: mapped shape {tuple(value.shape)} != chunk shape "
+                        f"{tuple(actual[key].shape)} ({layout})")
                 actual[key].copy_(value)

@@ -1,0 +1,55 @@
+"""The same stages through datatrove's SlurmPipelineExecutor, on a real (local) Slurm cluster if one is up."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from data_pipeline import run_pipeline
+from data_pipeline.config import DedupConfig, ExecutorConfig, MinhashConfig, SlurmConfig
+from data_pipeline.testing import small_config, write_corpus
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+
+
+def default_partition() -> str:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        pytest.skip("Slurm is not installed")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10).stdout
+    except subprocess.TimeoutExpired:
+        pytest.skip("no Slurm controller answers (start one with slurm/cluster/up.sh)")
+    partitions = [p for p in out.split() if p]
+    if not partitions:
+        pytest.skip("no Slurm controller answers (start one with slurm/cluster/up.sh)")
+    return next((p.rstrip("*") for p in partitions if p.endswith("*")), partitions[0])
+
+
+def test_slurm_executor_runs_the_stages_as_dependent_jobs(tmp_path):
+    partition = default_partition()
+    write_corpus(tmp_path / "in.jsonl", good=12, exact_dups=2)
+    cfg = small_config([tmp_path / "in.jsonl"], tmp_path / "out", vocab_size=400,
+                       dedup=DedupConfig(exact=True, minhash=MinhashConfig(enabled=False)),
+                       executor=ExecutorConfig(kind="slurm", slurm=SlurmConfig(partition=partition, time="00:10:00")))
+    submitted = run_pipeline(cfg)
+    try:
+        # filter, exact_find, exact_dedup, train_tokenizer, tokenize, manifest
+        assert submitted.manifest is None and len(submitted.slurm_jobs) == 6
+        manifest_path = tmp_path / "out" / "manifest.json"
+        deadline = time.time() + 240
+        while not manifest_path.exists() and time.time() < deadline:
+            time.sleep(2)
+        logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "out" / "slurm_logs").rglob("*.out"))
+        assert manifest_path.exists(), logs
+    finally:
+        subprocess.run(["scancel", *submitted.slurm_jobs], capture_output=True, timeout=30)
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["documents"] == 12
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert {s["stage"]: s["dropped"] for s in stats["stages"]}["exact_dedup"] == {"duplicate": 2}
+    # submitting again finds everything done: no new jobs, the finished summary
+    again = run_pipeline(cfg)
+    assert again.slurm_jobs == [] and again.manifest == manifest
