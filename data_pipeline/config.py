@@ -33,8 +33,8 @@ def _check_min(section: str, name: str, value: float | None, minimum: float) -> 
 @dataclass(kw_only=True, slots=True)
 class InputConfig:
     paths: list[str] = field(default_factory=lambda: [DEFAULT_CORPUS])
-    """Input files or directories (every matching file below a directory is read); relative paths are taken
-    from the current directory. Default: the sample corpus shipped in ``data_pipeline/corpus/``."""
+    """Input files or directories (a directory: its ``*.jsonl*`` / ``*.parquet`` files at any depth); relative
+    paths are taken from the current directory. Default: the sample corpus shipped in ``data_pipeline/corpus/``."""
     format: str = "auto"
     """'jsonl' (optionally .gz/.zst), 'parquet', or 'auto' (from each path's extension; a directory = jsonl)."""
     text_key: str = "text"

@@ -89,15 +89,16 @@ def _format_of(path: str, format: str) -> str:
 
 def build_readers(paths: list[str], *, format: str, text_key: str, id_key: str, limit: int,
                   progress: bool) -> list:
-    """One reader per input path (a file, or a directory read recursively). Readers chain in a pipeline."""
+    """One reader per input path: a file, or a directory (its ``*.jsonl*`` or ``*.parquet`` files, recursively).
+    Readers chain in a pipeline: each reads its share of its own files in every task."""
     readers = []
     for path in paths:
         p = Path(path)
         folder, glob = (str(p.parent), p.name) if p.is_file() else (str(p), None)
         kind = _format_of(path, format)
         cls = CountingParquetReader if kind == "parquet" else CountingJsonlReader
-        if kind == "parquet" and glob is None:
-            glob = "**/*.parquet"
+        if glob is None:  # a directory: its files of that format, at any depth
+            glob = "**/*.parquet" if kind == "parquet" else "**/*.jsonl*"
         readers.append(cls(folder, glob_pattern=glob, text_key=text_key, id_key=id_key, limit=limit,
                            doc_progress=progress))
     return readers

@@ -6,7 +6,9 @@ import json
 import random
 from pathlib import Path
 
-from data_pipeline.config import DataPipelineConfig, InputConfig, TokenizerConfig
+from data_pipeline.config import DataPipelineConfig, FiltersConfig, InputConfig, TokenizerConfig
+
+RULE_FILTERS = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ra", "tu", "so", "vel", "dor", "pen", "sta", "ric", "mon", "tal", "ber",
               "gin", "fu", "cha", "pol", "wen", "ist", "ar", "ul", "em", "qua", "zo", "bri", "ted", "lan", "mor"]
@@ -83,3 +85,11 @@ def read_jsonl_gz(path: Path) -> list[dict]:
         return []
     with gzip.open(path, "rt") as f:
         return [json.loads(line) for line in f]
+
+
+def no_rule_filters() -> FiltersConfig:
+    """Filters with the Gopher/C4/FineWeb rules off (they import spaCy: seconds per process)."""
+    filters = FiltersConfig()
+    for name in RULE_FILTERS:
+        getattr(filters, name).enabled = False
+    return filters

@@ -98,7 +98,7 @@ class _Run:
         self.procs, self.conns = [], []
         for rank in range(world_size):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, name=f"rank{rank}", daemon=True,
+            p = ctx.Process(target=_child, name=f"rank{rank}", daemon=False,
                             args=(rank, world_size, port, backend, timeout, fn, args, kwargs, send))
             p.start()
             send.close()  # the parent keeps only the reading end: EOF then means the child is gone

@@ -22,7 +22,7 @@ from pretrain.trainer import Trainer
 log = logging.getLogger("pretrain")
 
 
-def build_train_module(job: JobConfig, vocab_size: int) -> TrainModule:
+def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = True) -> TrainModule:
     """Model chunks for this rank -> bf16 wrapper -> data parallel -> optimizer (process groups must exist)."""
     p, bf16 = job.parallel, job.trainer.precision == "bf16"
     config = transformer_config(
@@ -30,6 +30,10 @@ def build_train_module(job: JobConfig, vocab_size: int) -> TrainModule:
         moe_dispatcher=p.moe_dispatcher, bf16=bf16,
     )
     chunks = build_model_chunks(job.model, config, vocab_size)
+    if init_weights and job.model.init_from is not None:  # before the optimizer copies the weights
+        from pretrain.models.qwen2.convert import init_chunks_from
+
+        init_chunks_from(chunks, job.model, job.model.init_from)
     if bf16:
         # bf16 weights and activations; the optimizer keeps fp32 master copies.
         chunks = [Float16Module(config, chunk) for chunk in chunks]
@@ -42,7 +46,9 @@ def build_train_module(job: JobConfig, vocab_size: int) -> TrainModule:
 def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> Trainer:
     t = job.trainer
     vocab_size = padded_vocab_size(job.model, shards.vocab_size, job.parallel.tp)
-    module = build_train_module(job, vocab_size)
+    checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last)
+    # A run that resumes overwrites the weights anyway: skip loading pretrained ones.
+    module = build_train_module(job, vocab_size, init_weights=checkpointer.latest() is None)
     train_set, _ = build_datasets(job.data, shards, seed=t.seed, train_samples=t.steps * t.global_batch_size,
                                   valid_samples=0, cache_dir=str(run_dir / "data_cache"))
 
@@ -66,6 +72,6 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
                 run_dir, mode=t.wandb.mode, project=t.wandb.project, entity=t.wandb.entity, group=t.wandb.group,
                 name=t.run_name, config=dataclasses.asdict(job),
             ))
-    return Trainer(module=module, batches_from=batches_from, checkpointer=Checkpointer(run_dir / "checkpoints", t.keep_last),
+    return Trainer(module=module, batches_from=batches_from, checkpointer=checkpointer,
                    callbacks=callbacks, mesh=mesh, steps=t.steps, save_every=t.save_every,
                    max_bad_steps=t.max_bad_steps, inject_nan_steps=tuple(t.inject_nan_steps))

@@ -20,8 +20,9 @@
 #
 # Environment: PYTHON (default python), NPROC_PER_NODE, RUN_NAME, RUNS_DIR (default
 # $SLURM_SUBMIT_DIR/runs), MASTER_PORT (default 20000 + job id % 20000), STOP_TIMEOUT (seconds
-# torchrun waits for ranks to save after the signal before killing them, default 240),
-# OMP_NUM_THREADS (default: the node's CPUs / ranks per node).
+# torchrun waits for ranks to save after the signal before killing them, default 240; torch releases
+# before --shutdown-timeout existed use 30), OMP_NUM_THREADS (default: the node's CPUs / ranks per
+# node). Needs torch >= 2.9 (torchrun --signals-to-handle).
 #
 #SBATCH --job-name=pretrain
 #SBATCH --nodes=1
@@ -100,8 +101,10 @@ trap 'forward TERM' TERM
 # --- launch --------------------------------------------------------------------------------------------
 srun_opts=(--nodes="$nnodes" --ntasks-per-node=1 --ntasks="$nnodes" --kill-on-bad-exit=1)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-# torchrun must pass SIGUSR1 on (by default it dies of it, and the step's ranks with it) and give the
-# ranks time to save before it kills them.
+# torchrun must pass SIGUSR1 on to the ranks (without --signals-to-handle, torch >= 2.9, it dies of it
+# and the step's ranks with it) and give them time to save before it kills them (the environment
+# variable, unlike --shutdown-timeout, is simply ignored by releases that keep the fixed 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${STOP_TIMEOUT:-240}
 # shellcheck disable=SC2054  # the commas belong to --signals-to-handle
 torchrun=(
   "${PYTHON:-python}" -m torch.distributed.run
@@ -109,7 +112,6 @@ torchrun=(
   --rdzv-backend=c10d --rdzv-endpoint="$head_node:$port" --rdzv-id="$SLURM_JOB_ID"
   --max-restarts=0
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-  --shutdown-timeout="${STOP_TIMEOUT:-240}"
 )
 log "srun ${srun_opts[*]} ${torchrun[*]} -m pretrain ${overrides[*]}"
 srun "${srun_opts[@]}" "${torchrun[@]}" -m pretrain "${overrides[@]}" &

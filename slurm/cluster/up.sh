@@ -112,7 +112,8 @@ SlurmdLogFile=$LOG_DIR/slurmd.log
 MailProg=$(command -v true)
 SchedulerType=sched/backfill
 # Schedule every 2 s; cancel jobs whose dependency failed instead of leaving them pending forever.
-SchedulerParameters=sched_interval=2,bf_interval=2,kill_invalid_depend
+SchedulerParameters=sched_interval=2,bf_interval=2
+DependencyParameters=kill_invalid_depend
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # A request the partition can never satisfy is refused at submit time instead of pending forever.

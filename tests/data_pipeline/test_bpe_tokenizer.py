@@ -40,13 +40,13 @@ def test_special_tokens_come_after_the_learned_vocabulary():
 def test_given_tokenizer_file_is_checked_and_used(tmp_path):
     from data_pipeline import run_pipeline
     from data_pipeline.config import DedupConfig, MinhashConfig
-    from data_pipeline.testing import small_config, write_corpus
+    from data_pipeline.testing import no_rule_filters, small_config, write_corpus
 
     write_corpus(tmp_path / "in.jsonl", good=8, exact_dups=0)
     given = tmp_path / "given.json"
     train_bpe(SAMPLE, vocab_size=350, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).save(str(given))
     cfg = small_config([tmp_path / "in.jsonl"], tmp_path / "out", tokenizer=TokenizerConfig(source="file", path=str(given)),
-                       dedup=DedupConfig(minhash=MinhashConfig(enabled=False)))
+                       filters=no_rule_filters(), dedup=DedupConfig(minhash=MinhashConfig(enabled=False)))
     summary = run_pipeline(cfg)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == given.read_bytes()
     assert summary.manifest["eod_id"] == Tokenizer.from_file(str(given)).token_to_id("<|endoftext|>")

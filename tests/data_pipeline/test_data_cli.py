@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.testing import write_corpus
+from data_pipeline.testing import RULE_FILTERS, write_corpus
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,11 +24,13 @@ def test_cli_writes_manifest_and_shards(tmp_path):
     write_corpus(tmp_path / "in.jsonl", good=20, exact_dups=2)
     proc = cli(tmp_path, f"data_pipeline.input.paths=[{tmp_path / 'in.jsonl'}]",
                "data_pipeline.tokenizer.vocab_size=400", "data_pipeline.dedup.minhash.enabled=false",
-               "data_pipeline.progress=false")
+               "data_pipeline.progress=false",
+               # the rule filters (tested in-process) import spaCy: seconds per process
+               *(f"data_pipeline.filters.{name}.enabled=false" for name in RULE_FILTERS))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "outputs" / "data" / "default"  # the default output_dir, relative to the working directory
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["documents"] == 20 and manifest["vocab_size"] <= 400
+    assert manifest["documents"] == 20 + 3 and manifest["vocab_size"] <= 400  # + the 3 rule-filter plants
     for shard in manifest["shards"]:
         assert (out / f"{shard['prefix']}.bin").stat().st_size == 2 * shard["tokens"]  # uint16
         assert (out / f"{shard['prefix']}.idx").is_file()

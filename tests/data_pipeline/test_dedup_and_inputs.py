@@ -7,17 +7,10 @@ import random
 import pytest
 
 from data_pipeline import run_pipeline
-from data_pipeline.config import DedupConfig, FiltersConfig, InputConfig, MinhashConfig
-from data_pipeline.testing import prose, read_jsonl_gz, small_config, write_corpus
+from data_pipeline.config import DedupConfig, InputConfig, MinhashConfig
+from data_pipeline.testing import no_rule_filters, prose, read_jsonl_gz, small_config, write_corpus
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def no_filters() -> FiltersConfig:
-    f = FiltersConfig()
-    for name in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
-        getattr(f, name).enabled = False
-    return f
 
 
 def test_minhash_removes_planted_near_duplicates_only(tmp_path):
@@ -25,7 +18,7 @@ def test_minhash_removes_planted_near_duplicates_only(tmp_path):
     info = write_corpus(tmp_path / "in.jsonl", good=good, exact_dups=0, near_dups=near, seed=3)
     partners = {(i * 7) % good for i in range(near)}  # write_corpus: near-i copies good-((7 i) % good)
     assert len(partners) == near
-    cfg = small_config([tmp_path / "in.jsonl"], tmp_path / "out", filters=no_filters(),
+    cfg = small_config([tmp_path / "in.jsonl"], tmp_path / "out", filters=no_rule_filters(),
                        dedup=DedupConfig(exact=False, minhash=MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)))
     summary = run_pipeline(cfg)
     stage = {s.stage: s for s in summary.stages}["minhash_dedup"]
@@ -51,7 +44,7 @@ def test_parquet_input_with_custom_field_names(tmp_path):
     texts = [prose(rng) for _ in range(12)]
     rows = {"content": texts + [texts[0], None, ""], "doc_id": [f"p{i}" for i in range(15)]}
     pq.write_table(pa.table(rows), tmp_path / "docs.parquet")
-    cfg = small_config([tmp_path / "docs.parquet"], tmp_path / "out", filters=no_filters(),
+    cfg = small_config([tmp_path / "docs.parquet"], tmp_path / "out", filters=no_rule_filters(),
                        dedup=DedupConfig(exact=True, minhash=MinhashConfig(enabled=False)))
     cfg.input = InputConfig(paths=[str(tmp_path / "docs.parquet")], text_key="content", id_key="doc_id")
     summary = run_pipeline(cfg)

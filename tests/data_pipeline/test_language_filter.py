@@ -12,7 +12,7 @@ from common.errors import ConfigError  # noqa: E402
 from data_pipeline import run_pipeline  # noqa: E402
 from data_pipeline.config import DedupConfig, FiltersConfig, LanguageFilterConfig, MinhashConfig  # noqa: E402
 from data_pipeline.filters import default_lid_model  # noqa: E402
-from data_pipeline.testing import read_jsonl_gz, small_config  # noqa: E402
+from data_pipeline.testing import no_rule_filters, read_jsonl_gz, small_config  # noqa: E402
 
 DOCS = {
     "en-1": "The committee met on Tuesday to discuss the new budget. Most members agreed that the library "
@@ -31,9 +31,8 @@ DOCS = {
 
 
 def language_only(**kwargs) -> FiltersConfig:
-    f = FiltersConfig(language=LanguageFilterConfig(enabled=True, **kwargs))
-    for name in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
-        getattr(f, name).enabled = False
+    f = no_rule_filters()
+    f.language = LanguageFilterConfig(enabled=True, **kwargs)
     return f
 
 

@@ -72,15 +72,15 @@ def test_pipeline_with_qwen2_tokenizer_writes_int32_shards(qwen, tmp_path):
 
     from data_pipeline import run_pipeline
     from data_pipeline.config import DedupConfig, MinhashConfig, TokenizerConfig
-    from data_pipeline.testing import read_jsonl_gz, small_config, write_corpus
+    from data_pipeline.testing import no_rule_filters, read_jsonl_gz, small_config, write_corpus
 
     tok, ref, path = qwen
     write_corpus(tmp_path / "in.jsonl", good=10, exact_dups=1)
     cfg = small_config([tmp_path / "in.jsonl"], tmp_path / "out", tokenizer=TokenizerConfig(source="qwen2"),
-                       dedup=DedupConfig(minhash=MinhashConfig(enabled=False)))
+                       filters=no_rule_filters(), dedup=DedupConfig(minhash=MinhashConfig(enabled=False)))
     summary = run_pipeline(cfg)
     m = summary.manifest
-    assert (m["dtype"], m["vocab_size"], m["eod_id"], m["documents"]) == ("int32", 151646, 151643, 10)
+    assert (m["dtype"], m["vocab_size"], m["eod_id"], m["documents"]) == ("int32", 151646, 151643, 13)
     data = IndexedDataset(str(tmp_path / "out" / m["shards"][0]["prefix"]))
     docs = read_jsonl_gz(tmp_path / "out" / "work" / "kept" / "00000.jsonl.gz")
     for i, doc in enumerate(docs):

@@ -34,6 +34,10 @@ class ModelConfig:
     """Share the input embedding with the output layer (Qwen2-0.5B/1.5B: true; 7B/72B: false)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init (HF ``initializer_range``)."""
+    init_from: str | None = None
+    """Start from these weights: a Hugging Face dir (config.json + safetensors) or a torch_dist checkpoint
+    (from ``python -m pretrain.models.qwen2.convert import``, or another run's: only its model part is read).
+    Ignored when the run resumes from its own checkpoint."""
     attention_backend: str = "auto"
     """Core attention: 'sdpa' (torch SDPA: FlashAttention/cuDNN kernels on GPU, flash-attn package if installed),
     'local' (megatron-core's unfused reference), 'auto' = sdpa."""

@@ -109,7 +109,7 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=model.tie_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(model.rope_base),
+            rotary_base=model.rope_base,
             vp_stage=vp_stage if vpp > 1 else None,
         )
         if torch.cuda.is_available():
