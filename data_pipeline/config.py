@@ -317,7 +317,7 @@ class DataPipelineConfig:
     """Where shards, tokenizer.json, manifest.json, stats.json, excluded documents and logs go (relative
     paths: from the current directory). A re-run with the same config resumes; a different config refuses."""
     overwrite: bool = False
-    """Delete ``output_dir`` first instead of resuming."""
+    """Empty ``output_dir`` first (all but its ``hydra/`` run records) instead of resuming."""
     progress: bool = True
     """Progress bars on the reading and tokenizer-training stages."""
 

@@ -174,6 +174,9 @@ class WriteManifest(PipelineStep):
         manifest, stats = build_manifest(out, shard_prefixes=self.shard_prefixes, eos_token=self.eos_token,
                                          source=self.source, stages=stages)
         atomic_write_json(out / "stats.json", stats)
+        if not manifest["shards"]:
+            raise RuntimeError(f"no document survived the filters and deduplication: nothing to train on "
+                               f"(per-stage counts in {out / 'stats.json'}); no manifest written")
         atomic_write_json(out / "manifest.json", manifest)
         self.stat_update("shards", value=len(manifest["shards"]), unit="task")
         return

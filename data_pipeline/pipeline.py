@@ -30,7 +30,6 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashDedupFilter,
     MinhashDedupSignature,
 )
-from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import HashConfig
 
@@ -38,7 +37,7 @@ from common.errors import ConfigError
 from data_pipeline.config import DataPipelineConfig
 from data_pipeline.filters import build_filters
 from data_pipeline.manifest import Accounted, StageCounts, WriteManifest
-from data_pipeline.readers import RankFileReader, build_readers, check_inputs
+from data_pipeline.readers import StageOutputReader, build_readers, check_inputs
 from data_pipeline.tokenizer import ShardWriter, TrainBpeTokenizer, shard_prefix
 
 log = logging.getLogger("data_pipeline")
@@ -135,7 +134,7 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
         last.pipeline.append(ExactDedupSignature(str(sigs), config=exact))
         stages.append(Stage("exact_find", [ExactFindDedups(str(sigs), str(dups), config=exact)], 1))
         last = Stage("exact_dedup", [
-            RankFileReader(str(out_of["filter"]), doc_progress=cfg.progress),
+            StageOutputReader(str(out_of["filter"]), doc_progress=cfg.progress),
             ExactDedupFilter(str(dups), config=exact, exclusion_writer=JsonlWriter(str(layout.excluded / "exact_dedup"))),
             JsonlWriter(str(out_of["exact_dedup"])),
         ], tasks, accounted=[(1, "exact_dedup", "duplicate")])
@@ -152,7 +151,7 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
                             m.num_buckets))
         stages.append(Stage("minhash_cluster", [MinhashDedupCluster(str(buckets), str(remove), config=mh)], 1))
         last = Stage("minhash_dedup", [
-            RankFileReader(str(source), doc_progress=cfg.progress),
+            StageOutputReader(str(source), doc_progress=cfg.progress),
             MinhashDedupFilter(str(remove), exclusion_writer=JsonlWriter(str(layout.excluded / "minhash_dedup"))),
             JsonlWriter(str(layout.kept)),
         ], tasks, accounted=[(1, "minhash_dedup", "near_duplicate")])
@@ -161,12 +160,12 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
     tok = cfg.tokenizer
     if tok.source == "train":
         stages.append(Stage("train_tokenizer", [
-            JsonlReader(str(layout.kept), glob_pattern="*.jsonl.gz"),
+            StageOutputReader(str(layout.kept), all_tasks=True),
             TrainBpeTokenizer(str(layout.tokenizer), vocab_size=tok.vocab_size, special_tokens=tok.special_tokens,
                               min_frequency=tok.min_frequency, show_progress=cfg.progress),
         ], 1))
     stages.append(Stage("tokenize", [
-        RankFileReader(str(layout.kept), doc_progress=cfg.progress),
+        StageOutputReader(str(layout.kept), doc_progress=cfg.progress),
         ShardWriter(str(layout.shards), str(layout.tokenizer), eos_token=tok.eos_token,
                     parse_special_tokens=tok.parse_special_tokens),
     ], tasks))
@@ -225,8 +224,11 @@ def _flatten(d, prefix=""):
 def prepare_output(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> None:
     """Start fresh (overwrite), or check that an existing output was made by the same settings."""
     if cfg.overwrite and layout.root.exists():
-        log.info("data_pipeline.overwrite: removing %s", layout.root)
-        shutil.rmtree(layout.root)
+        log.info("data_pipeline.overwrite: emptying %s", layout.root)
+        for entry in layout.root.iterdir():
+            if entry.name == "hydra":  # this run's own Hydra record (conf/data_job.yaml puts it here)
+                continue
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     layout.root.mkdir(parents=True, exist_ok=True)
     wanted = _fingerprint(cfg, inputs)
     if layout.config.exists():

@@ -64,19 +64,28 @@ class CountingParquetReader(_CountingMixin, ParquetReader):
     """ParquetReader that counts rows without text."""
 
 
-class RankFileReader(JsonlReader):
-    """Reads, in task ``rank``, exactly the file that task ``rank`` of the previous stage wrote
-    (``<rank>.jsonl.gz``, or nothing if that task kept no document).
+class StageOutputReader(JsonlReader):
+    """Reads the ``<task>.jsonl.gz`` files an earlier per-task stage wrote. In task ``rank``: exactly the file
+    task ``rank`` wrote; with ``all_tasks=True`` (a single-task stage): every task's file, in task order. A
+    task that kept no document wrote no file, which reads as empty.
 
     Dedup signatures number documents per task, so a later stage must see each task's documents in the
     same order; datatrove's own file sharding would shift files between tasks once one task wrote none.
     """
 
+    def __init__(self, data_folder: str, *, all_tasks: bool = False, doc_progress: bool = False) -> None:
+        super().__init__(data_folder, doc_progress=doc_progress)
+        self.all_tasks = all_tasks
+
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        name = f"{rank:05d}.jsonl.gz"
-        for doc in self.read_files_shard([name] if self.data_folder.exists(name) else []):
+        if self.all_tasks:
+            names = sorted(self.data_folder.list_files(glob_pattern="[0-9][0-9][0-9][0-9][0-9].jsonl.gz"))
+        else:
+            name = f"{rank:05d}.jsonl.gz"
+            names = [name] if self.data_folder.exists(name) else []
+        for doc in self.read_files_shard(names):
             self.update_doc_stats(doc)
             yield doc
 

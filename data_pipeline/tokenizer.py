@@ -110,6 +110,9 @@ class TrainBpeTokenizer(PipelineStep):
         with self.track_time(unit="task"):
             tok = train_bpe(texts(), vocab_size=self.vocab_size, special_tokens=self.special_tokens,
                             min_frequency=self.min_frequency, show_progress=self.show_progress)
+        if not self.stats[StatHints.total].total:
+            raise RuntimeError("no document is left to train the tokenizer on: the filters and deduplication "
+                               "dropped them all (per-stage counts: logs/<stage>/stats/)")
         self.stat_update("vocab_size", value=tok.get_vocab_size(with_added_tokens=True), unit="task")
         save_atomic(tok, Path(self.output_path))
         return

@@ -1,6 +1,7 @@
 """The parallel layout: degrees, ZeRO stage, and the checks that refuse a layout before any process starts."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from common.errors import ConfigError, check_choice
@@ -54,6 +55,16 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tp * self.pp
+
+    @property
+    def local_world_size(self) -> int:
+        """Processes a bare local launch starts: tp × pp × dp, with dp=-1 meaning the smallest that
+        holds the expert-parallel groups (megatron-core spreads experts over tp × dp ranks)."""
+        dp = self.dp
+        if dp == -1:
+            experts = self.ep * (self.etp or self.tp)
+            dp = experts // math.gcd(self.tp, experts)
+        return self.model_parallel_size * dp
 
     def resolve_dp(self, world_size: int) -> int:
         """The data-parallel degree for ``world_size`` processes, or a ConfigError naming the mismatch."""

@@ -67,7 +67,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         job: JobConfig = OmegaConf.to_object(cfg)
-        nproc = job.parallel.model_parallel_size * max(job.parallel.dp, 1)
+        nproc = job.parallel.local_world_size
         if "RANK" not in os.environ and nproc > 1:
             validate_job(job, nproc)  # refuse a bad layout before starting any process
             Shards.from_config(job.data)

@@ -39,8 +39,13 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     chunks = apply_ddp(chunks, config, zero=p.zero, overlap_grad_reduce=p.overlap_grad_reduce)
     optimizer, scheduler = build_optimizer(job.optim, chunks, bf16=bf16, zero=p.zero, total_steps=job.trainer.steps)
+    moe_stats = None
+    if job.model.is_moe:
+        from pretrain.moe_stats import MoEStats
+
+        moe_stats = MoEStats(chunks, job.model.num_layers, job.model.num_experts, p.sequence_parallel)
     return TrainModule(chunks, config, optimizer, scheduler, seq_len=job.data.seq_len,
-                       micro_batch_size=job.trainer.micro_batch_size)
+                       micro_batch_size=job.trainer.micro_batch_size, moe_stats=moe_stats)
 
 
 def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> Trainer:

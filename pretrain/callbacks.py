@@ -69,6 +69,9 @@ class ConsoleLogger(Callback):
             return
         mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
         skipped = f" | skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
+        if "moe/load_balancing_loss" in metrics:
+            skipped += (f" | aux {metrics['moe/load_balancing_loss']:.4f} | "
+                        f"expert load max/mean {metrics['moe/load_imbalance']:.2f}")
         log.info(
             "step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s | mem %.2f GiB%s",
             step, self.total, result.loss, result.lr, result.grad_norm, metrics["tokens_per_s"], mfu,
@@ -144,7 +147,17 @@ class WandbLogger(Callback):
                               name=name, id=run_id, resume="allow", config=config)
 
     def on_step_end(self, trainer, step, result, metrics) -> None:
-        self.run.log({"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, **metrics}, step=step)
+        import numpy as np
+        import wandb
+
+        row = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm}
+        for key, value in metrics.items():
+            if key == "moe/expert_tokens":  # a bar per expert: tokens routed to it this step
+                counts = np.asarray(value)
+                row[key] = wandb.Histogram(np_histogram=(counts, np.arange(len(counts) + 1)))
+            else:
+                row[key] = value
+        self.run.log(row, step=step)
 
     def on_train_end(self, trainer) -> None:
         self.run.finish()

@@ -118,6 +118,7 @@ class Checkpointer:
     def __init__(self, root: Path, keep_last: int) -> None:
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
+        self._verified: set[Path] = set()  # checksumming a large checkpoint is slow: once per process
 
     def _complete(self) -> list[Path]:
         return sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
@@ -131,8 +132,9 @@ class Checkpointer:
             if not path.is_dir():
                 log.warning("checkpoint %s named by %s does not exist; looking for an older one", path, pointer)
                 continue
-            problem = verify(path)
+            problem = None if path in self._verified else verify(path)
             if problem is None:
+                self._verified.add(path)
                 return path
             log.warning("checkpoint %s is damaged (%s); falling back to an older one", path, problem)
         return None

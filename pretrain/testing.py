@@ -41,3 +41,38 @@ def write_learnable_shards(out_dir: Path, *, vocab_size: int = 256, documents: i
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out_dir
+
+
+def read_wandb_history(run_file: Path) -> list[dict]:
+    """The ``history`` rows of an offline ``run-<id>.wandb`` file, decoded with wandb's own protobuf schema.
+
+    wandb >= 0.2x has no Python reader left (its core is a Go binary). The file is a LevelDB-style log:
+    a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of records, each with a 7-byte
+    header (CRC32C, length, type: 1 full, 2 first, 3 middle, 4 last) and a ``wandb_internal_pb2.Record``.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{run_file} is not a wandb run file")
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({
+                    (item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                    for item in record.history.item
+                })
+    return rows

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -27,6 +27,8 @@ class StepResult:
     """Tokens that counted in the loss, over the global batch."""
     skipped: bool = False
     """True when the step was not applied (non-finite loss or gradients)."""
+    extras: dict = field(default_factory=dict)
+    """Model-specific figures (MoE: auxiliary losses, tokens per expert)."""
 
 
 def _loss_func(loss_mask: torch.Tensor, poison: bool, per_token_loss: torch.Tensor):
@@ -56,13 +58,15 @@ class TrainModule:
     """Model chunks + optimizer + LR schedule, and ``train_batch`` that runs one optimizer step."""
 
     def __init__(self, chunks: list, config: TransformerConfig, optimizer: MegatronOptimizer,
-                 scheduler: OptimizerParamScheduler, *, seq_len: int, micro_batch_size: int) -> None:
+                 scheduler: OptimizerParamScheduler, *, seq_len: int, micro_batch_size: int,
+                 moe_stats=None) -> None:
         self.chunks = chunks
         self.config = config
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
+        self.moe_stats = moe_stats
         config.calculate_per_token_loss = True
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
@@ -88,21 +92,23 @@ class TrainModule:
             forward_only=False,
         )
         loss, tokens = _global_loss(reports)
+        extras = self.moe_stats.collect(len(microbatches)) if self.moe_stats is not None else {}
         lr = self.optimizer.param_groups[0]["lr"]
         if not math.isfinite(loss):  # the same global value on every rank, so all ranks skip together
-            return StepResult(loss=loss, grad_norm=float("nan"), lr=lr, tokens=tokens, skipped=True)
+            return StepResult(loss=loss, grad_norm=float("nan"), lr=lr, tokens=tokens, skipped=True, extras=extras)
         self.scheduler.step(increment=1)  # the LR of step s is the schedule at s (no wasted 0-LR step)
         try:
             ok, grad_norm, _ = self.optimizer.step()
         except _NonFiniteGradNorm as bad:
             self.scheduler.step(increment=-1)  # the step did not happen: neither does its LR change
-            return StepResult(loss=loss, grad_norm=bad.args[0], lr=lr, tokens=tokens, skipped=True)
+            return StepResult(loss=loss, grad_norm=bad.args[0], lr=lr, tokens=tokens, skipped=True, extras=extras)
         return StepResult(
             loss=loss,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=self.optimizer.param_groups[0]["lr"],
             tokens=tokens,
             skipped=not ok,
+            extras=extras,
         )
 
     def _guard_grad_norm(self) -> None:

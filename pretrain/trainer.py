@@ -63,7 +63,8 @@ class Trainer:
                 self.step += 1
                 self.tokens_seen += result.tokens
                 self._check_finite(result)
-                metrics: dict = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen}
+                metrics: dict = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
+                                 **result.extras}
                 self._call("on_step_end", self.step, result, metrics)
                 # No periodic save inside a bad streak: the last good checkpoint stays the newest.
                 if self.save_every and self.step % self.save_every == 0 and not result.skipped:

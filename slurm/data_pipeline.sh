@@ -6,7 +6,8 @@
 #   slurm/submit.sh --cpus-per-task=32 slurm/data_pipeline.sh ...   # log under logs/slurm/ instead
 #
 # One task on one node runs `python -m data_pipeline` with the overrides as given; its local executor
-# uses the CPUs of the allocation (ask for them with --cpus-per-task). Before the time limit
+# gets the allocated CPUs as workers (data_pipeline.executor.workers=$SLURM_CPUS_PER_TASK) unless the
+# overrides set them. Before the time limit
 # (--signal=B:USR1@<margin>) or on `scancel --signal=USR1 --batch <job>`, the job ends the pipeline
 # step and requeues itself; datatrove keeps a completion marker per finished task in its logging
 # folder and skips those tasks on the restart, so only unfinished tasks run again. At most
@@ -30,20 +31,27 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
 fi
 restart=${SLURM_RESTART_COUNT:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-log "job $SLURM_JOB_ID (restart $restart) on $SLURM_JOB_NODELIST, ${SLURM_CPUS_ON_NODE:-?} CPUs: ${PYTHON:-python} -m data_pipeline $*"
+log "job $SLURM_JOB_ID (restart $restart) on $SLURM_JOB_NODELIST, ${SLURM_CPUS_ON_NODE:-?} CPUs"
 
 stop_signal="" srun_pid=""
 # shellcheck disable=SC2317  # called from the traps below
 forward() {
-  stop_signal=$1
-  log "got SIG$1: stopping the pipeline (srun ends the step; unfinished tasks run again after a restart)"
+  stop_signal=USR1
+  log "got SIGUSR1: stopping the pipeline (srun ends the step; unfinished tasks run again after a restart)"
   [ -n "$srun_pid" ] && kill -s TERM "$srun_pid" 2>/dev/null
 }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
+trap forward USR1
+# scancel and the time limit send SIGTERM to every process of the job themselves: no requeue then.
+trap 'log "got SIGTERM: the job is ending"' TERM
 
-srun --ntasks=1 --kill-on-bad-exit=1 "${PYTHON:-python}" -m data_pipeline "$@" &
+# The local executor's worker pool gets the allocated CPUs unless the overrides say otherwise.
+args=("$@")
+if [ "${SLURM_CPUS_PER_TASK:-1}" -gt 1 ] && [[ " $* " != *" data_pipeline.executor.workers="* ]]; then
+  args+=("data_pipeline.executor.workers=$SLURM_CPUS_PER_TASK")
+fi
+srun --ntasks=1 --kill-on-bad-exit=1 "${PYTHON:-python}" -m data_pipeline "${args[@]}" &
 srun_pid=$!
+log "${PYTHON:-python} -m data_pipeline ${args[*]}"
 [ -n "$stop_signal" ] && kill -s TERM "$srun_pid" 2>/dev/null
 while :; do
   wait "$srun_pid"; rc=$?

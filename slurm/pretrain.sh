@@ -91,12 +91,14 @@ log "job $SLURM_JOB_ID (restart $restart): $nnodes node(s) x $nproc ranks, rende
 stop_signal="" srun_pid=""
 # shellcheck disable=SC2317  # called from the traps below
 forward() {
-  stop_signal=$1
-  log "got SIG$1: forwarding it to the training processes"
-  [ -n "$srun_pid" ] && kill -s "$1" "$srun_pid" 2>/dev/null
+  stop_signal=USR1
+  log "got SIGUSR1: forwarding it to the training processes"
+  [ -n "$srun_pid" ] && kill -s USR1 "$srun_pid" 2>/dev/null
 }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
+trap forward USR1
+# scancel and the time limit itself send SIGTERM to every process of the job: the ranks save on it
+# by themselves (within KillWait). This shell only keeps waiting for them; no requeue.
+trap 'log "got SIGTERM: the job is ending; the ranks save if they can"' TERM
 
 # --- launch --------------------------------------------------------------------------------------------
 srun_opts=(--nodes="$nnodes" --ntasks-per-node=1 --ntasks="$nnodes" --kill-on-bad-exit=1)
@@ -116,7 +118,7 @@ torchrun=(
 log "srun ${srun_opts[*]} ${torchrun[*]} -m pretrain ${overrides[*]}"
 srun "${srun_opts[@]}" "${torchrun[@]}" -m pretrain "${overrides[@]}" &
 srun_pid=$!
-[ -n "$stop_signal" ] && kill -s "$stop_signal" "$srun_pid" 2>/dev/null
+[ -n "$stop_signal" ] && kill -s USR1 "$srun_pid" 2>/dev/null
 # `wait` returns early when a trapped signal arrives: wait again until srun has really exited.
 while :; do
   wait "$srun_pid"; rc=$?

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -167,3 +166,21 @@ def test_missing_input_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"data_pipeline\.input\.paths\[0\]=.*nope\.jsonl.* does not exist"):
         run_pipeline(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_replaces_an_output_made_with_other_settings(tmp_path):
+    from dataclasses import replace
+
+    from data_pipeline.config import DedupConfig, MinhashConfig
+    from data_pipeline.testing import no_rule_filters, write_corpus
+
+    write_corpus(tmp_path / "in.jsonl", good=10, exact_dups=2)
+    first = small_config([tmp_path / "in.jsonl"], tmp_path / "out", vocab_size=400, filters=no_rule_filters(),
+                         dedup=DedupConfig(exact=False, minhash=MinhashConfig(enabled=False)))
+    assert run_pipeline(first).manifest["documents"] == 15  # 10 + 2 copies + 3 planted
+    (tmp_path / "out" / "hydra").mkdir()
+    second = replace(first, dedup=DedupConfig(exact=True, minhash=MinhashConfig(enabled=False)), overwrite=True)
+    summary = run_pipeline(second)
+    assert summary.manifest["documents"] == 13
+    assert [s.stage for s in summary.stages] == ["read", "exact_dedup", "tokenize"]
+    assert (tmp_path / "out" / "hydra").is_dir()  # Hydra's record of the running job is kept

@@ -1,6 +1,7 @@
 """The cluster scripts themselves: up.sh is idempotent; data_pipeline.sh passes overrides and requeues."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -54,3 +55,24 @@ def test_data_pipeline_job_passes_overrides_and_requeues_when_signalled(slurm, t
         "restart=0 args=-m data_pipeline data.name=tiny executor.workers=2",
         "restart=1 args=-m data_pipeline data.name=tiny executor.workers=2",
     ]
+
+
+@pytest.mark.timeout(300)
+def test_data_pipeline_job_writes_shards_and_manifest(slurm, tmp_path):
+    from data_pipeline.testing import RULE_FILTERS, write_corpus
+
+    write_corpus(tmp_path / "in.jsonl", good=20, exact_dups=2)
+    out = tmp_path / "out"
+    job = slurm.submit("--time=10", "--cpus-per-task=2", "slurm/data_pipeline.sh",
+                       f"data_pipeline.input.paths=[{tmp_path / 'in.jsonl'}]", f"data_pipeline.output_dir={out}",
+                       "data_pipeline.tokenizer.vocab_size=400", "data_pipeline.dedup.minhash.enabled=false",
+                       "data_pipeline.progress=false",
+                       *(f"data_pipeline.filters.{name}.enabled=false" for name in RULE_FILTERS),
+                       env={"SLURM_LOG_DIR": str(tmp_path / "logs")})
+    log = tmp_path / "logs" / f"data_pipeline-{job}.out"
+    info = slurm.wait(job, timeout=240, log=log)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    assert "data_pipeline.executor.workers=2" in log.read_text()  # the allocation's CPUs became workers
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["documents"] == 20 + 3  # + the 3 rule-filter plants write_corpus adds
+    assert all((out / f"{shard['prefix']}.bin").is_file() for shard in manifest["shards"])
