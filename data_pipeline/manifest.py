@@ -101,7 +101,7 @@ def read_idx(idx_path: Path) -> tuple[str, int, int]:
     with open(idx_path, "rb") as f:
         if f.read(9) != _IDX_MAGIC:
             raise ValueError(f"{idx_path} is not a Megatron .idx file")
-        (version,) = struct.unpack("<Q", f.read(8))
+        struct.unpack("<Q", f.read(8))  # version
         (code,) = struct.unpack("<B", f.read(1))
         (sequences,) = struct.unpack("<Q", f.read(8))
         struct.unpack("<Q", f.read(8))  # document_indices length

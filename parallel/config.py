@@ -29,6 +29,8 @@ class ParallelConfig:
     """How MoE tokens reach the expert-parallel rank that holds their expert."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with the backward pass (GPU runs)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep the fp32 master weights and Adam moments in CPU memory and step there (zero 2/3 only)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "vpp", "ep"):
@@ -50,6 +52,11 @@ class ParallelConfig:
                 f"parallel.zero={self.zero} runs through DeepSpeed, which serves data-parallel layouts only; "
                 f"got tp={self.tp}, pp={self.pp}, ep={self.ep}. Use parallel.zero=1 (megatron-core's distributed "
                 "optimizer) with tensor/pipeline/expert parallelism."
+            )
+        if self.offload_optimizer and self.zero not in (2, 3):
+            raise ConfigError(
+                f"parallel.offload_optimizer=true needs parallel.zero=2 or 3 (DeepSpeed ZeRO-Offload); got "
+                f"parallel.zero={self.zero}"
             )
 
     @property
@@ -132,6 +139,6 @@ class ParallelConfig:
             parts.append(f"vpp={self.vpp}")
         if self.ep > 1:
             parts.append(f"ep={self.ep}")
-        parts += [f"dp={dp}", f"zero={self.zero}"]
+        parts += [f"dp={dp}", f"zero={self.zero}{'+offload' if self.offload_optimizer else ''}"]
         return " ".join(parts)
 

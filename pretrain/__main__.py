@@ -20,6 +20,7 @@ for _message in (".*(Apex|Transformer Engine).*", ".*reduce_scatter_tensor.*", "
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, TrainingDivergedError
@@ -67,6 +68,11 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         job: JobConfig = OmegaConf.to_object(cfg)
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and job.trainer.wandb.group is None:
+            # The runs of one sweep share a wandb group; each keeps its own run name.
+            job.trainer.wandb.group = job.trainer.run_name
+            job.trainer.run_name = f"{job.trainer.run_name}-{hydra_cfg.job.num}"
         nproc = job.parallel.local_world_size
         if "RANK" not in os.environ and nproc > 1:
             validate_job(job, nproc)  # refuse a bad layout before starting any process

@@ -23,7 +23,11 @@ log = logging.getLogger("pretrain")
 
 
 def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = True) -> TrainModule:
-    """Model chunks for this rank -> bf16 wrapper -> data parallel -> optimizer (process groups must exist)."""
+    """Model chunks for this rank -> bf16 wrapper -> data parallel -> optimizer (process groups must exist).
+
+    ``parallel.zero`` 2/3 hands the (single, tp = pp = 1) chunk to DeepSpeed instead of megatron's
+    DDP + optimizer: a ``DeepSpeedTrainModule`` with the same ``train_batch`` contract.
+    """
     p, bf16 = job.parallel, job.trainer.precision == "bf16"
     config = transformer_config(
         job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
@@ -34,6 +38,11 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
         from pretrain.models.qwen2.convert import init_chunks_from
 
         init_chunks_from(chunks, job.model, job.model.init_from)
+    if p.zero in (2, 3):  # DeepSpeed keeps its own bf16 copy and fp32 master partitions: no Float16Module
+        from pretrain.deepspeed_module import build_deepspeed_train_module
+
+        (model,) = chunks
+        return build_deepspeed_train_module(job, config, model)
     if bf16:
         # bf16 weights and activations; the optimizer keeps fp32 master copies.
         chunks = [Float16Module(config, chunk) for chunk in chunks]

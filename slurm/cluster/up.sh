@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Bring up a one-node Slurm cluster on this Debian/Ubuntu machine, without systemd.
 #
-#   slurm/cluster/up.sh [--fake-gpus N] [--cpus N] [--timeout SECONDS]
+#   slurm/cluster/up.sh [--fake-gpus N] [--cpus N] [--timeout SECONDS] [--force]
 #
 # Installs slurmctld/slurmd/slurm-client/munge when missing, starts munged, writes slurm.conf and
 # cgroup.conf from `hostname`, `nproc` and the memory of this machine, starts slurmctld and slurmd
 # and waits until `sinfo` shows the node idle. Idempotent: a second run with the same options finds
 # everything up and returns in about a second; changed options rewrite the config and restart the
-# daemons. Needs root. Stop it with slurm/cluster/down.sh.
+# daemons, which kills (and requeues) the jobs running on the node: it refuses while jobs run unless
+# --force. Needs root. Stop it with slurm/cluster/down.sh.
 #
 # Options (or the environment variables in brackets):
 #   --fake-gpus N   declare N GPUs on the node (gres gpu:N) backed by placeholder device files, so
@@ -15,11 +16,13 @@
 #   --cpus N        CPUs the node announces (config_overrides lets it exceed the real cores, so
 #                   8-rank-per-node scripts run on a small machine) [SLURM_NODE_CPUS, max(nproc, 8)]
 #   --timeout S     how long to wait for the node to turn idle [SLURM_UP_TIMEOUT, 60]
+#   --force         restart on a configuration change even while jobs are running
 set -euo pipefail
 
 FAKE_GPUS=${SLURM_FAKE_GPUS:-0}
 CPUS=${SLURM_NODE_CPUS:-}
 TIMEOUT=${SLURM_UP_TIMEOUT:-60}
+FORCE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --fake-gpus) FAKE_GPUS=$2; shift 2 ;;
@@ -28,7 +31,8 @@ while [ $# -gt 0 ]; do
     --cpus=*) CPUS=${1#*=}; shift ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
     --timeout=*) TIMEOUT=${1#*=}; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --force) FORCE=1; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "up.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -146,18 +150,22 @@ if [ "$FAKE_GPUS" -gt 0 ]; then
   echo "NodeName=$HOST Name=gpu File=/dev/fakegpu[0-$(( FAKE_GPUS - 1 ))]" >"$tmp/gres.conf"
 fi
 
+# --- daemons --------------------------------------------------------------------------------------------
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 changed=0
 mkdir -p "$CONF_DIR"
-for f in slurm.conf cgroup.conf gres.conf; do
-  if ! cmp -s "$tmp/$f" "$CONF_DIR/$f"; then
-    install -m 0644 "$tmp/$f" "$CONF_DIR/$f"
-    changed=1
+for f in slurm.conf cgroup.conf gres.conf; do cmp -s "$tmp/$f" "$CONF_DIR/$f" || changed=1; done
+if [ "$changed" -eq 1 ] && [ "$FORCE" -eq 0 ] && alive /run/slurmctld.pid; then
+  running=$(squeue -h -t RUNNING,COMPLETING -o %A 2>/dev/null | sort -u | tr '\n' ' ' || true)
+  if [ -n "${running// /}" ]; then
+    die "the configuration changes ($(diff "$CONF_DIR/slurm.conf" "$tmp/slurm.conf" 2>/dev/null | grep '^>' | cut -c3- | tr '\n' ';' || true)) and a restart would kill the running jobs $running: wait for them, or re-run with --force"
   fi
+fi
+for f in slurm.conf cgroup.conf gres.conf; do
+  cmp -s "$tmp/$f" "$CONF_DIR/$f" || install -m 0644 "$tmp/$f" "$CONF_DIR/$f"
 done
 install -d -m 0755 "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd" "$LOG_DIR"
 
-# --- daemons --------------------------------------------------------------------------------------------
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 stop() {  # stop the daemon whose pid file is $1
   alive "$1" || return 0
   local pid; pid=$(cat "$1")

@@ -12,7 +12,8 @@ import pytest
 pytestmark = pytest.mark.slurm
 
 TINY = ["model=qwen2_tiny", "parallel=tp2", "data.seq_len=64", "trainer.global_batch_size=8",
-        "trainer.micro_batch_size=4", "trainer.log_every=1", "trainer.wandb.mode=disabled"]
+        "trainer.micro_batch_size=4", "trainer.log_every=1", "trainer.wandb.mode=disabled",
+        "trainer.plot_loss=false"]
 
 
 def steps_logged(run_dir: Path) -> list[int]:

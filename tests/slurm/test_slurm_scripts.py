@@ -19,7 +19,7 @@ def test_up_is_idempotent_and_fast(slurm, slurm_cluster):
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - start < 10
     assert "starting" not in proc.stdout, proc.stdout  # nothing restarted
-    assert re.search(r"node \S+ is (idle|mixed|allocated)", proc.stdout), proc.stdout
+    assert re.search(r"node \S+ is (idle|mixed|allocated|completing)", proc.stdout), proc.stdout
     gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=30).stdout
     assert f"gpu:{slurm_cluster}" in gres
 

@@ -1,0 +1,136 @@
+"""One optimizer step of Qwen2 under DeepSpeed ZeRO-2/3: the same ``train_batch`` contract as ``TrainModule``.
+
+Same loss (per-token sums over the global batch, divided by the global token count), same AdamW,
+parameter groups, gradient clipping and warm-up + cosine schedule, so a ZeRO-2/3 run follows a
+megatron-core run of the same job step for step. The Trainer does not know which one it drives.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from common.errors import QwenPretrainError
+from parallel.deepspeed import apply_deepspeed, build_adamw, gathered_parameters
+from parallel.mesh import device
+from pretrain.config import OptimConfig
+from pretrain.train_module import StepResult
+
+
+class DeepSpeedCheckpointError(QwenPretrainError):
+    """pretrain.checkpoint.Checkpointer cannot save or load a DeepSpeed (parallel.zero=2/3) run."""
+
+
+_NO_CHECKPOINT = (
+    "parallel.zero={zero} runs through DeepSpeed, whose sharded optimizer state pretrain.checkpoint.Checkpointer "
+    "(megatron-core torch_dist) cannot save or load yet. Use parallel.zero=1 (megatron-core's distributed "
+    "optimizer, ZeRO-1) for runs that checkpoint, or train without checkpoints."
+)
+
+
+class _NoCheckpointOptimizer:
+    """Stands where the Checkpointer looks for the megatron optimizer, and refuses with a clear error."""
+
+    def __init__(self, zero: int) -> None:
+        self.zero = zero
+
+    def __getattr__(self, name):
+        raise DeepSpeedCheckpointError(_NO_CHECKPOINT.format(zero=self.zero))
+
+
+def build_scheduler(optim: OptimConfig, optimizer, *, total_steps: int) -> OptimizerParamScheduler:
+    """Warm-up + cosine to ``min_lr_ratio``, as ``pretrain.optim.build_optimizer`` builds it for megatron."""
+    decay_steps = optim.decay_steps or total_steps
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.lr * optim.min_lr_ratio,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(decay_steps, optim.warmup_steps + 1),
+        lr_decay_style="cosine",
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(decay_steps, 1),
+        wd_incr_style="constant",
+    )
+
+
+class DeepSpeedTrainModule:
+    """A DeepSpeed engine over one megatron ``GPTModel`` + LR schedule, and ``train_batch``."""
+
+    def __init__(self, engine, config: TransformerConfig, scheduler: OptimizerParamScheduler, *, zero: int) -> None:
+        self.engine = engine
+        self.config = config
+        self.scheduler = scheduler
+        self.zero = zero
+        self.dp = dist.get_world_size()
+        self.chunks = [engine.module]  # the bare GPTModel (ZeRO-3: its parameters are partitioned)
+        self.optimizer = _NoCheckpointOptimizer(zero)
+
+    def train_batch(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool = False) -> StepResult:
+        """Forward/backward over the microbatches, then one optimizer step unless loss or gradients are not finite."""
+        engine, dev = self.engine, device()
+        engine.train()
+        local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches).to(torch.float64)
+        global_tokens = local_tokens.clone()
+        dist.all_reduce(global_tokens)
+        # DeepSpeed averages gradients over the dp ranks; megatron sums them and divides by the global
+        # token count. Scaling each rank's token-sum loss by dp / tokens gives megatron's gradients.
+        scale = self.dp / max(float(global_tokens), 1.0)
+        if self.config.num_moe_experts:
+            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+            MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=dev))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        for i, mb in enumerate(microbatches):
+            engine.set_gradient_accumulation_boundary(i == len(microbatches) - 1)
+            per_token = engine(mb["tokens"].to(dev), mb["position_ids"].to(dev), None, labels=mb["labels"].to(dev))
+            mb_loss = (per_token.float().reshape(-1) * mb["loss_mask"].to(dev).reshape(-1).float()).sum()
+            if poison:  # testing hook (trainer.inject_nan_steps)
+                mb_loss = mb_loss * float("nan")
+            backward_loss = mb_loss * scale
+            if not torch.isfinite(mb_loss):
+                # Make every gradient NaN (NaN * 0 is NaN), so DeepSpeed's own overflow check sees a
+                # non-finite norm on every rank and discards the step, even where a masked NaN left
+                # the gradients finite.
+                backward_loss = backward_loss * float("nan")
+            engine.backward(backward_loss, scale_wrt_gas=False)
+            loss_sum += mb_loss.detach().to(torch.float64)
+        totals = torch.stack([loss_sum, local_tokens.to(dev)])
+        dist.all_reduce(totals)
+        loss, tokens = float(totals[0] / totals[1]), int(totals[1])
+        lr = engine.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(increment=1)  # the LR of step s is the schedule at s
+        engine.step()  # skips (and clears the gradients) when the global gradient norm is not finite
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not engine.was_step_applied():
+            self.scheduler.step(increment=-1)  # the step did not happen: neither does its LR change
+            return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens, skipped=True)
+        if not math.isfinite(loss):  # cannot happen: a non-finite loss poisons the gradients above
+            raise RuntimeError(f"DeepSpeed applied a step whose loss is {loss}")
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=engine.optimizer.param_groups[0]["lr"],
+                          tokens=tokens, skipped=False)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's tensors under GPTModel names, whole on every rank (collective under ZeRO-3)."""
+        with gathered_parameters(self.engine):
+            return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items() if torch.is_tensor(v)}
+
+
+def build_deepspeed_train_module(job, config: TransformerConfig, model: torch.nn.Module) -> DeepSpeedTrainModule:
+    """parallel.zero in (2, 3): AdamW like megatron's, the DeepSpeed engine, and the same LR schedule."""
+    p, o, t = job.parallel, job.optim, job.trainer
+    dp = dist.get_world_size()
+    optimizer = build_adamw(model, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    engine = apply_deepspeed(
+        model, zero_stage=p.zero, optimizer=optimizer, offload_optimizer=p.offload_optimizer,
+        bf16=t.precision == "bf16", clip_grad=o.clip_grad, micro_batch_size=t.micro_batch_size,
+        grad_accum_steps=t.global_batch_size // (t.micro_batch_size * dp),
+    )
+    scheduler = build_scheduler(o, engine.optimizer, total_steps=t.steps)
+    return DeepSpeedTrainModule(engine, config, scheduler, zero=p.zero)
