@@ -33,6 +33,10 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
         job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
         moe_dispatcher=p.moe_dispatcher, bf16=bf16,
     )
+    # TrainModule's loss is a per-token sum that megatron divides by the global token count; DDP reads
+    # this flag when it is built to sum (not average) gradients over dp. Set later, gradients and the
+    # reported norm came out dp times too small and clipping acted at dp x optim.clip_grad.
+    config.calculate_per_token_loss = True
     chunks = build_model_chunks(job.model, config, vocab_size)
     if init_weights and job.model.init_from is not None:  # before the optimizer copies the weights
         from pretrain.models.qwen2.convert import init_chunks_from
