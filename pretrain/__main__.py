@@ -31,15 +31,23 @@ log = logging.getLogger("pretrain")
 register_configs()
 
 
-def _launch_local(nproc: int, run_dir: Path) -> int:
+def _launch_local(nproc: int, run_dir: Path, extra_overrides: list[str]) -> None:
     """Re-run this job's overrides under torchrun with ``nproc`` processes on this machine."""
-    overrides = list(HydraConfig.get().overrides.task)
+    overrides = list(HydraConfig.get().overrides.task) + extra_overrides
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "pretrain", *overrides, f"hydra.run.dir={run_dir}"]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     log.info("starting %d local processes: %s", nproc, " ".join(cmd))
-    return subprocess.run(cmd, env=env).returncode
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise LaunchError(rc, f"the {nproc} training processes exited with status {rc} (their log is above)")
+
+
+class LaunchError(Exception):
+    def __init__(self, returncode: int, message: str) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 def run(job: JobConfig, run_dir: Path) -> None:
@@ -65,29 +73,37 @@ def main(cfg: DictConfig) -> None:
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # our own lines summarise what it would log
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         job: JobConfig = OmegaConf.to_object(cfg)
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN and job.trainer.wandb.group is None:
-            # The runs of one sweep share a wandb group; each keeps its own run name.
+        sweep_overrides = []
+        if sweeping and job.trainer.wandb.group is None:
+            # The runs of one sweep share a wandb group; each gets its own run name.
             job.trainer.wandb.group = job.trainer.run_name
             job.trainer.run_name = f"{job.trainer.run_name}-{hydra_cfg.job.num}"
+            sweep_overrides = [f"trainer.wandb.group={job.trainer.wandb.group}",
+                               f"trainer.run_name={job.trainer.run_name}"]
         nproc = job.parallel.local_world_size
         if "RANK" not in os.environ and nproc > 1:
             validate_job(job, nproc)  # refuse a bad layout before starting any process
             Shards.from_config(job.data)
-            sys.exit(_launch_local(nproc, run_dir))
+            _launch_local(nproc, run_dir, sweep_overrides)
+            return
         if rank == 0:
             (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         run(job, run_dir)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDivergedError as exc:
-        print(f"training stopped: {exc}", file=sys.stderr)
-        sys.exit(3)
-
+    except (ConfigError, TrainingDivergedError, LaunchError) as exc:
+        if sweeping:
+            raise  # the launcher (basic or submitit) records the failed job; exiting would hang submitit
+        if isinstance(exc, ConfigError):
+            print(f"config error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(exc, TrainingDivergedError):
+            print(f"training stopped: {exc}", file=sys.stderr)
+            sys.exit(3)
+        sys.exit(exc.returncode)
 
 if __name__ == "__main__":
     main()
