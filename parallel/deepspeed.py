@@ -62,10 +62,13 @@ def build_adamw(model: torch.nn.Module, *, lr: float, betas: tuple[float, float]
 
 def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, bf16: bool, clip_grad: float,
                      micro_batch_size: int, grad_accum_steps: int, dp: int,
-                     param_persistence_threshold: int) -> dict:
+                     param_persistence_threshold: int, bucket_size: int) -> dict:
     """The engine's JSON config: ZeRO stage, precision, clipping and batch geometry (checked by DeepSpeed)."""
     zero: dict = {
         "stage": zero_stage,
+        # Gradient reduction / parameter gather buckets, in elements (the bucket buffers are allocated whole).
+        "reduce_bucket_size": bucket_size,
+        "allgather_bucket_size": bucket_size,
         "contiguous_gradients": True,
         "overlap_comm": False,  # no CUDA streams to overlap on; keeps the reduction order deterministic
         "reduce_scatter": True,
@@ -73,6 +76,7 @@ def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, bf16: bool, cl
     if zero_stage == 3:
         # Parameters smaller than this stay whole on every rank (DeepSpeed's default is 1e5 elements).
         zero["stage3_param_persistence_threshold"] = param_persistence_threshold
+        zero["stage3_prefetch_bucket_size"] = bucket_size
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -102,11 +106,14 @@ def apply_deepspeed(
     clip_grad: float = 1.0,
     micro_batch_size: int,
     grad_accum_steps: int,
+    bucket_size: int | None = None,
 ):
     """Wrap a (tp = pp = 1) megatron ``GPTModel`` and its client optimizer in a DeepSpeed ZeRO engine.
 
     Every rank must hold the same initial weights (DeepSpeed broadcasts rank 0's module at start-up
     anyway). Returns the ``DeepSpeedEngine``; ``engine.optimizer.param_groups`` are the ones to schedule.
+    ``bucket_size``: elements per gradient-reduction / gather bucket; default DeepSpeed's 5e8, capped at
+    the model's size (the bucket buffers are allocated whole: 2 GB in fp32 at the default).
     """
     if zero_stage not in (2, 3):
         raise ValueError(f"apply_deepspeed serves ZeRO stages 2 and 3, got {zero_stage}")
@@ -115,9 +122,12 @@ def apply_deepspeed(
     # ZeRO-3: keep 1-D tensors (norms, biases) whole and partition every matrix. DeepSpeed's absolute
     # default (1e5 elements) would keep a small model entirely unpartitioned.
     threshold = max((p.numel() for p in model.parameters() if p.ndim == 1), default=0)
+    if bucket_size is None:
+        bucket_size = min(500_000_000, sum(p.numel() for p in model.parameters()))
     config = deepspeed_config(zero_stage=zero_stage, offload_optimizer=offload_optimizer, bf16=bf16,
                               clip_grad=clip_grad, micro_batch_size=micro_batch_size,
-                              grad_accum_steps=grad_accum_steps, dp=dp, param_persistence_threshold=threshold)
+                              grad_accum_steps=grad_accum_steps, dp=dp, param_persistence_threshold=threshold,
+                              bucket_size=bucket_size)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     if zero_stage == 3 and getattr(model, "share_embeddings_and_output_weights", False):
         # The output layer reads the embedding's (partitioned) weight: gather it for the whole forward.

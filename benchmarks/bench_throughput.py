@@ -1,0 +1,693 @@
+"""Training throughput on one GPU: this project's megatron-core step vs Hugging Face transformers.
+
+    python benchmarks/bench_throughput.py --model qwen2_1_5b --seq-len 4096 --micro-batch 1 --steps 20
+    python benchmarks/bench_throughput.py --model qwen2_0_5b --seq-len 4096 --json out.json --record
+    python benchmarks/bench_throughput.py --model qwen1_5_moe_a2_7b --layers 4 --seq-len 4096
+    python benchmarks/bench_throughput.py --dry-run --json -        # CPU plumbing check, tiny preset, fp32
+
+What is measured, in one process, one side after the other (never both resident on the GPU):
+
+* **ours**: ``pretrain.build.build_train_module`` exactly as the trainer builds it for ``parallel=single``:
+  megatron-core ``GPTModel`` (local spec, our ``SDPAttention`` or megatron's unfused attention), bf16 via
+  ``Float16Module``, megatron DDP (fp32 gradient buffer), distributed optimizer (fp32 main weights, torch
+  AdamW underneath: megatron-core without TransformerEngine/apex builds ``torch.optim.AdamW`` with its
+  defaults, i.e. the foreach kernels; ``--ours-adam fused`` swaps in the fused kernel), grad clipping,
+  LR schedule. One ``TrainModule.train_batch`` call = one timed step (forward, backward, optimizer).
+* **peer** (``--peer hf``): transformers ``Qwen2ForCausalLM`` / ``Qwen2MoeForCausalLM`` built from the
+  same shape (``hf_config_from_model``), holding the SAME initial weights (ours' weights converted with
+  ``hf_adapter.to_hf``), ``attn_implementation="sdpa"``, torch fused AdamW (same lr, betas, eps, weight
+  decay with no decay on biases/norms, grad clip), the same token batch. ``--peer-precision amp``
+  (default): fp32 weights + ``torch.autocast(bf16)`` -- fp32 master weights and Adam states like ours;
+  ``bf16``: weights, grads and Adam states in bf16 (less memory and optimizer work: not the same
+  numerics). MoE: ``output_router_logits=True`` so the peer also computes a load-balancing loss.
+
+Timing: ``--warmup`` unmeasured steps, then ``--steps`` steps, each bracketed by
+``torch.cuda.synchronize()``; the figure is the MEDIAN step time. tokens/s = microbatches x micro-batch x
+seq-len / median step time (every position counts, as in the trainer's Throughput callback).
+
+    MFU = tokens/s x flops_per_token / peak_bf16_dense_flops
+
+``flops_per_token`` is ``pretrain.models.qwen2.flops.flops_per_token`` (PaLM convention: 6 x active matmul
+weights incl. the output layer, embedding lookup excluded, + 12 x layers x heads x head_dim x seq for
+attention, causal masking NOT discounted), the same for both sides. The peak is the vendor's DENSE
+(no sparsity) BF16 tensor-core figure, from ``PEAK_BF16_DENSE_FLOPS`` below (first matching substring of
+``torch.cuda.get_device_name()``), or ``--peak-tflops``. For scale: an 8192^3 bf16 matmul reaches ~790-800
+TFLOP/s on the H100 SXM / H200 of the device machine (~80% of 989), so ~0.8 is the practical MFU ceiling.
+
+Peak memory is ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` for each side
+(``memory_baseline_gib``: what was still allocated when that side started; ~0).
+
+Besides timing, one extra untimed step of each side runs under ``torch.profiler`` and the attention
+operators/kernels it hit are recorded (``attention_kernels``): on CUDA/bf16 with ``--attention sdpa``
+expect ``aten::_scaled_dot_product_flash_attention`` (or ``..._cudnn_attention``) and flash/cuDNN kernels,
+never ``..._attention_math``.
+
+Knobs (each recorded in the JSON and the RESULTS.md row): ``--attention sdpa|local``, ``--recompute
+none|selective|full`` (megatron ``recompute_granularity``; selective recomputes ``--recompute-modules``,
+default core_attn; full = uniform, 1 layer per unit; the HF peer gets gradient checkpointing for full, nothing
+for selective), ``--compile`` (``torch.compile`` of every transformer layer of both sides), ``--layers N``
+(cut the layer count, e.g. for the 14B-parameter Qwen1.5-MoE-A2.7B on one 80 GB GPU), ``--ours-adam``.
+``--record`` appends one row to benchmarks/RESULTS.md. ``--dry-run`` runs on the CPU in fp32 with the tiny
+preset (qwen2_tiny, or qwen2_moe_tiny for an MoE ``--model``), 3 steps, and the peer: a plumbing check
+(MFU n/a), whose step-0 losses of the two sides agree to ~1e-6 (same weights, same batch, fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+
+# Dense (no sparsity) BF16 tensor-core peak per GPU, from NVIDIA's datasheets (the "with sparsity" figure
+# halved). Matched in order against torch.cuda.get_device_name(): the more specific names come first.
+# H100/H200 agree with pretrain.callbacks.PEAK_BF16_FLOPS (what the trainer's MFU uses).
+PEAK_BF16_DENSE_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("GH200", 989e12),
+    ("H100", 989e12),  # SXM5: "NVIDIA H100 80GB HBM3"
+    ("H200", 989e12),  # SXM: "NVIDIA H200"
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("B200", 2250e12),
+)
+
+TINY_PRESETS = {"dense": "qwen2_tiny", "moe": "qwen2_moe_tiny"}
+_ATTN_OP = re.compile(r"scaled_dot_product|flash|fmha|cudnn.*(attn|attention|sdpa)|attention|softmax|baddbmm",
+                      re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2_0_5b", help="conf/model preset (qwen2_0_5b, qwen2_1_5b, "
+                   "qwen1_5_moe_a2_7b, qwen2_tiny, qwen2_moe_tiny, ...)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
+    p.add_argument("--microbatches", type=int, default=1, help="gradient-accumulation microbatches per step")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per side")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (allocator, autotuning, compile)")
+    p.add_argument("--layers", type=int, default=None, help="cut the model to this many layers (memory)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="embedding rows for presets whose vocabulary comes from the tokenizer (tiny presets; "
+                        "default 2048)")
+    p.add_argument("--attention", choices=("sdpa", "local"), default="sdpa",
+                   help="ours: torch SDPA (flash/cuDNN on GPU) or megatron's unfused DotProductAttention")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                   help="megatron activation recompute (recompute_granularity)")
+    p.add_argument("--recompute-modules", default="core_attn",
+                   help="selective recompute: comma-separated megatron recompute_modules")
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer layer (both sides)")
+    p.add_argument("--ours-adam", choices=("default", "fused"), default="default",
+                   help="ours: megatron-core's torch AdamW as built (foreach) or the fused kernel")
+    p.add_argument("--peer", choices=("hf", "none"), default="hf")
+    p.add_argument("--peer-precision", choices=("amp", "bf16"), default="amp",
+                   help="HF peer on GPU: fp32 weights + bf16 autocast (amp), or pure bf16 weights/optimizer")
+    p.add_argument("--peer-experts", default=None,
+                   help="HF MoE experts_implementation (eager, grouped_mm, batched_mm); default: transformers'")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense BF16 peak")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-profile", action="store_true", help="skip the extra profiled step (attention kernels)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the results as JSON to PATH ('-' or no PATH: stdout, and no table)")
+    p.add_argument("--record", action="store_true", help=f"append a row to {RESULTS_MD.relative_to(REPO)}")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, fp32, tiny preset, 3 steps (1 warm-up): checks the plumbing")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.dry_run:
+        args.model = TINY_PRESETS["moe" if "moe" in args.model else "dense"]
+        args.seq_len = min(args.seq_len, 128)
+        args.micro_batch = min(args.micro_batch, 2)
+        args.steps, args.warmup = 2, 1
+    for name in ("seq_len", "micro_batch", "microbatches", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Job config (Hydra, as the trainer composes it)
+# --------------------------------------------------------------------------------------------------
+def compose_job(args: argparse.Namespace, *, on_gpu: bool):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from pretrain.config import register_configs, validate_job
+
+    register_configs()
+    overrides = [
+        f"model={args.model}", "parallel=single",
+        f"trainer.precision={'bf16' if on_gpu else 'fp32'}",
+        f"model.attention_backend={args.attention}",
+        f"data.seq_len={args.seq_len}",
+        f"trainer.micro_batch_size={args.micro_batch}",
+        f"trainer.global_batch_size={args.micro_batch * args.microbatches}",
+        f"trainer.steps={args.warmup + args.steps + 1}",
+        f"trainer.seed={args.seed}",
+        "trainer.wandb.mode=disabled",
+        "optim.warmup_steps=0",  # both sides step at the same constant-ish lr from step 1
+    ]
+    with initialize_config_module(config_module="conf", version_base=None):
+        cfg = compose("config", overrides=overrides)
+    job = OmegaConf.to_object(cfg)
+    changes = {}
+    if args.layers is not None:
+        changes["num_layers"] = args.layers
+    if job.model.vocab_size is None:
+        changes["vocab_size"] = args.vocab_size or 2048
+    elif args.vocab_size is not None:
+        changes["vocab_size"] = args.vocab_size
+    if args.seq_len > job.model.max_seq_len:
+        changes["max_seq_len"] = args.seq_len
+    if changes:
+        job.model = dataclasses.replace(job.model, **changes)
+    validate_job(job, world_size=1)
+    return job
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks the benchmark needs that build_train_module has no knob for (see benchmarks/README.md)
+# --------------------------------------------------------------------------------------------------
+def recompute_fields(recompute: str, modules: str) -> dict:
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return dict(recompute_granularity="selective",
+                    recompute_modules=[m for m in modules.split(",") if m])
+    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
+@contextlib.contextmanager
+def _patched_build(recompute: dict, fused_adam: bool):
+    """Build ours with megatron recompute fields and/or the fused AdamW kernel, without touching pretrain/.
+
+    ``pretrain.build.transformer_config`` is wrapped so the TransformerConfig it returns is re-made with the
+    recompute fields (``dataclasses.replace`` re-runs megatron's validation); ``torch.optim.AdamW`` is the
+    class megatron-core instantiates when neither TransformerEngine nor apex is installed.
+    """
+    import torch
+
+    import pretrain.build as build
+
+    original_tc, original_adamw = build.transformer_config, torch.optim.AdamW
+
+    def transformer_config(*a, **kw):
+        config = original_tc(*a, **kw)
+        return dataclasses.replace(config, **recompute) if recompute else config
+
+    class FusedAdamW(original_adamw):
+        def __init__(self, *a, **kw):
+            kw.setdefault("fused", True)
+            super().__init__(*a, **kw)
+
+    build.transformer_config = transformer_config
+    if fused_adam:
+        torch.optim.AdamW = FusedAdamW
+    try:
+        yield
+    finally:
+        build.transformer_config = original_tc
+        torch.optim.AdamW = original_adamw
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed_steps(step, n_warmup: int, n_steps: int) -> tuple[list[float], list[float]]:
+    """Run ``step()`` (returns the loss) warm-up + measured times; (losses of every step, measured seconds)."""
+    losses, times = [], []
+    for i in range(n_warmup + n_steps):
+        _sync()
+        t0 = time.perf_counter()
+        losses.append(step())
+        _sync()
+        if i >= n_warmup:
+            times.append(time.perf_counter() - t0)
+    return losses, times
+
+
+def _profiled_attention_ops(step) -> list[str]:
+    """Names of the attention operators and kernels one step runs (CPU ops + CUDA kernels)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync()
+    names = sorted({e.key for e in prof.key_averages() if _ATTN_OP.search(e.key)})
+    return [n[:160] for n in names][:40]
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _memory_start() -> float | None:
+    import torch
+
+    _free_memory()
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def _peak_memory() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def make_batch(job, args: argparse.Namespace, device) -> list[dict]:
+    """Random tokens, ``args.microbatches`` microbatches in the trainer's format, already on ``device``.
+
+    labels[t] = tokens[t + 1]; the last position has no target (loss_mask 0), which is exactly the
+    positions the HF peer's internally shifted loss covers for ``labels=tokens``.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)
+    b, s = args.micro_batch, args.seq_len
+    batches = []
+    for _ in range(args.microbatches):
+        tokens = torch.randint(0, job.model.vocab_size, (b, s), generator=g)
+        labels = torch.roll(tokens, -1, dims=1)
+        loss_mask = torch.ones(b, s, dtype=torch.float32)
+        loss_mask[:, -1] = 0
+        position_ids = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
+        batches.append({k: v.to(device) for k, v in dict(tokens=tokens, labels=labels, loss_mask=loss_mask,
+                                                         position_ids=position_ids).items()})
+    return batches
+
+
+def _compile_layers(layers) -> int:
+    """``torch.compile`` each transformer layer in place (per-layer, as torchtitan does: one graph per layer)."""
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weights: bool) -> tuple[dict, dict | None]:
+    """Build ours as the trainer does, time it, free it. Returns (result, initial weights in HF naming)."""
+    import torch
+
+    from pretrain.build import build_train_module
+    from pretrain.models.qwen2.hf_adapter import Layout, local_state_dict, to_hf, unwrap_chunk
+
+    result: dict = {"name": "ours", "impl": "megatron-core GPTModel + DDP + distributed optimizer",
+                    "memory_baseline_gib": _memory_start()}
+    hf_weights = None
+    module = None
+    try:
+        with _patched_build(recompute_fields(args.recompute, args.recompute_modules), args.ours_adam == "fused"):
+            module = build_train_module(job, job.model.vocab_size, init_weights=False)
+        (chunk,) = module.chunks
+        gpt = unwrap_chunk(chunk)
+        inner_opt = getattr(module.optimizer, "optimizer", None)
+        result["optimizer"] = _describe_optimizer(inner_opt)
+        result["config"] = {k: getattr(module.config, k) for k in
+                            ("bf16", "recompute_granularity", "recompute_method", "recompute_num_layers",
+                             "recompute_modules", "params_dtype")}
+        result["config"]["params_dtype"] = str(result["config"]["params_dtype"])
+        result["core_attention"] = type(gpt.decoder.layers[0].self_attention.core_attention).__name__
+        if want_hf_weights:  # the initial weights, before any step, for the peer
+            sd = {k: v.detach().to("cpu", copy=True) for k, v in local_state_dict(chunk).items()}
+            hf_weights = to_hf([(Layout(), sd)], job.model, hf_vocab_size=job.model.vocab_size)
+            del sd
+        if args.compile:
+            result["compiled_layers"] = _compile_layers(gpt.decoder.layers)
+
+        def step() -> float:
+            return module.train_batch(batch).loss
+
+        losses, times = _timed_steps(step, args.warmup, args.steps)
+        result.update(_figures(times, args), losses=losses, loss_step0=losses[0],
+                      peak_memory_gib=_peak_memory())
+        if not args.no_profile:
+            result["attention_kernels"] = _profiled_attention_ops(step)
+    except Exception as exc:  # noqa: BLE001 - record OOM and carry on to the peer
+        if not _is_oom(exc):
+            raise
+        result.update(error=f"OOM: {str(exc).splitlines()[0][:200]}", peak_memory_gib=_peak_memory())
+    finally:
+        del module
+        _free_memory()
+    return result, hf_weights
+
+
+def _describe_optimizer(opt) -> str:
+    if opt is None:
+        return "?"
+    d = opt.defaults
+    kind = "fused" if d.get("fused") else ("foreach" if d.get("foreach") in (True, None) else "for-loop")
+    return f"{type(opt).__module__}.{type(opt).__name__} ({kind})"
+
+
+def _figures(times: list[float], args) -> dict:
+    med = statistics.median(times)
+    tokens = args.microbatches * args.micro_batch * args.seq_len
+    return {"step_s_median": med, "step_s_all": times, "tokens_per_step": tokens, "tokens_per_s": tokens / med}
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hugging Face peer
+# --------------------------------------------------------------------------------------------------
+def _load_hf_weights(model, weights: dict) -> None:
+    """Copy checkpoint-named HF weights into a live transformers model (fused MoE experts included)."""
+    import torch
+
+    fused = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    seen = set()
+    with torch.no_grad():
+        for key, param in model.state_dict().items():
+            if tied and key == "lm_head.weight":
+                continue
+            m = fused.match(key)
+            if m:
+                prefix, kind = m.groups()
+                n = param.shape[0]
+                if kind == "gate_up_proj":
+                    parts = [torch.cat([weights[f"{prefix}.{e}.gate_proj.weight"],
+                                        weights[f"{prefix}.{e}.up_proj.weight"]], 0) for e in range(n)]
+                    names = [f"{prefix}.{e}.{w}_proj.weight" for e in range(n) for w in ("gate", "up")]
+                else:
+                    parts = [weights[f"{prefix}.{e}.down_proj.weight"] for e in range(n)]
+                    names = [f"{prefix}.{e}.down_proj.weight" for e in range(n)]
+                src = torch.stack(parts)
+                seen.update(names)
+            else:
+                src = weights[key]
+                seen.add(key)
+            if src.shape != param.shape:
+                raise ValueError(f"{key}: weights {tuple(src.shape)} != model {tuple(param.shape)}")
+            param.copy_(src)
+    unused = set(weights) - seen
+    if unused:
+        raise ValueError(f"weights not used by the HF model: {sorted(unused)[:5]}")
+
+
+def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | None) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.models.qwen2.hf_adapter import hf_config_from_model
+
+    on_gpu = torch.cuda.is_available()
+    dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    amp = on_gpu and args.peer_precision == "amp"
+    dtype = torch.bfloat16 if on_gpu and args.peer_precision == "bf16" else torch.float32
+    config = hf_config_from_model(job.model, vocab_size=job.model.vocab_size)
+    moe = job.model.is_moe
+    if moe:
+        config.output_router_logits = True  # the peer computes a load-balancing loss too, as ours does
+    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    if moe and args.peer_experts:
+        kwargs["experts_implementation"] = args.peer_experts
+    result: dict = {"name": "peer", "impl": f"transformers {transformers.__version__} "
+                    f"{'Qwen2MoeForCausalLM' if moe else 'Qwen2ForCausalLM'} (sdpa, "
+                    f"{'fp32 weights + bf16 autocast' if amp else str(dtype).replace('torch.', '')})",
+                    "memory_baseline_gib": _memory_start()}
+    model = opt = None
+    try:
+        torch.manual_seed(args.seed)
+        with dev:
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        if weights is not None:
+            _load_hf_weights(model, weights)
+            result["weights"] = "same as ours"
+        model.train()
+        result["attn_implementation"] = model.config._attn_implementation
+        if moe:
+            result["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+        if args.recompute == "full":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        result["recompute"] = "full (gradient checkpointing)" if args.recompute == "full" else "none"
+        if args.compile:
+            result["compiled_layers"] = _compile_layers(model.model.layers)
+        o = job.optim
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                **({"fused": True} if on_gpu else {"foreach": True}))
+        result["optimizer"] = f"torch.optim.AdamW ({'fused' if on_gpu else 'foreach'})"
+        coef = config.router_aux_loss_coef if moe else 0.0
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        params = list(model.parameters())
+
+        def step() -> float:
+            ce_total = 0.0
+            for mb in batch:
+                with autocast():
+                    out = model(input_ids=mb["tokens"], labels=mb["tokens"])
+                (out.loss / len(batch)).backward()
+                ce = out.loss.detach()
+                if moe:  # the reported loss is the cross-entropy alone, as ours reports it
+                    ce = ce - coef * out.aux_loss.detach()
+                ce_total += ce.float() / len(batch)
+            if o.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(params, o.clip_grad, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(ce_total)
+
+        losses, times = _timed_steps(step, args.warmup, args.steps)
+        result.update(_figures(times, args), losses=losses, loss_step0=losses[0], peak_memory_gib=_peak_memory())
+        if not args.no_profile:
+            result["attention_kernels"] = _profiled_attention_ops(step)
+    except Exception as exc:  # noqa: BLE001
+        if not _is_oom(exc):
+            raise
+        result.update(error=f"OOM: {str(exc).splitlines()[0][:200]}", peak_memory_gib=_peak_memory())
+    finally:
+        del model, opt
+        _free_memory()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device_name is None:
+        return None
+    return next((v for k, v in PEAK_BF16_DENSE_FLOPS if k in device_name), None)
+
+
+def _add_mfu(side: dict, fpt: float, peak: float | None) -> None:
+    if "tokens_per_s" not in side:
+        return
+    side["tflops_per_s"] = side["tokens_per_s"] * fpt / 1e12
+    side["mfu"] = side["tokens_per_s"] * fpt / peak if peak else None
+
+
+def _fmt(v, spec: str, na: str = "n/a") -> str:
+    return na if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def print_table(doc: dict, out=sys.stdout) -> None:
+    c, m = doc["config"], doc["machine"]
+    peak = doc["peak_bf16_flops"]
+    print(f"bench_throughput: {c['model']} ({c['layers']} layers) | seq {c['seq_len']} x micro-batch "
+          f"{c['micro_batch']} x {c['microbatches']} microbatch(es) = {c['tokens_per_step']} tokens/step | "
+          f"{c['precision']} | attention {c['attention']} | recompute {c['recompute']} | "
+          f"compile {'on' if c['compile'] else 'off'}", file=out)
+    print(f"device: {m['device']} (peak bf16 dense: {_fmt(peak and peak / 1e12, '.0f')} TFLOP/s) | "
+          f"median of {c['steps']} steps after {c['warmup']} warm-up | flops/token {doc['flops_per_token']:.4g} | "
+          f"params {doc['params']['total'] / 1e6:.1f}M ({doc['params']['active'] / 1e6:.1f}M active)", file=out)
+    print(f"{'side':5s} {'tokens/s':>11s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
+          f"{'loss[0]':>10s} {'loss[-1]':>10s}  impl", file=out)
+    for side in doc["results"].values():
+        if "error" in side:
+            print(f"{side['name']:5s} {side['error']}  ({side['impl']})", file=out)
+            continue
+        print(f"{side['name']:5s} {side['tokens_per_s']:11.1f} {side['step_s_median'] * 1e3:9.2f} "
+              f"{side['tflops_per_s']:8.2f} {_fmt(side['mfu'], '6.1%'):>6s} "
+              f"{_fmt(side['peak_memory_gib'], '9.2f'):>9s} {side['loss_step0']:10.6f} {side['losses'][-1]:10.6f}  "
+              f"{side['impl']}; {side.get('optimizer', '')}", file=out)
+    ratio = doc.get("ratio_tokens_per_s_ours_over_peer")
+    if ratio is not None:
+        print(f"ratio ours/peer tokens/s: {ratio:.3f}   (> 1: ours is faster); step-0 loss diff "
+              f"{doc['loss_step0_abs_diff']:.2e}", file=out)
+    for side in doc["results"].values():
+        if side.get("attention_kernels"):
+            print(f"{side['name']} attention ops/kernels: {', '.join(side['attention_kernels'][:6])}", file=out)
+
+
+def record_row(doc: dict, path: Path = RESULTS_MD) -> None:
+    """Append one row to RESULTS.md, under this benchmark's header; append only (never rewrites the file).
+
+    If the file's last section is another benchmark's, a new copy of our header and table head goes first.
+    """
+    import fcntl
+
+    header = "## bench_throughput: training step tokens/s, MFU, peak memory (ours vs HF transformers)"
+    head = ("| date (UTC) | device | command | ours tok/s | ours MFU | ours peak GiB | peer tok/s | peer MFU | "
+            "peer peak GiB | ours/peer | notes |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    r = doc["results"]
+    ours, peer = r.get("ours", {}), r.get("peer", {})
+
+    def cell(side, key, spec):
+        if not side:
+            return "-"
+        if "error" in side:
+            return side["error"].split(":")[0]
+        return _fmt(side.get(key), spec)
+
+    notes = f"torch {doc['machine']['torch']}, transformers {doc['machine']['transformers']}"
+    if peer and "experts_implementation" in peer:
+        notes += f", HF experts {peer['experts_implementation']}"
+    if doc["config"]["dry_run"]:
+        notes += ", DRY RUN (CPU fp32)"
+    row = (f"| {doc['date'][:16].replace('T', ' ')} | {doc['machine']['device']} | `{doc['command']}` | "
+           f"{cell(ours, 'tokens_per_s', '.0f')} | {cell(ours, 'mfu', '.1%')} | {cell(ours, 'peak_memory_gib', '.1f')} | "
+           f"{cell(peer, 'tokens_per_s', '.0f')} | {cell(peer, 'mfu', '.1%')} | {cell(peer, 'peak_memory_gib', '.1f')} | "
+           f"{_fmt(doc.get('ratio_tokens_per_s_ours_over_peer'), '.2f', '-')} | {notes} |\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        sections = [line for line in text.splitlines() if line.startswith("## ")]
+        ours_last = bool(sections) and sections[-1] == header and text.rstrip("\n").splitlines()[-1].startswith("|")
+        prefix = ""
+        if not ours_last:
+            if not text:
+                prefix = "# Benchmark results\n\n"
+            elif not text.endswith("\n"):
+                prefix = "\n"
+            prefix += ("\n" if text else "") + header + "\n\nAppended by `benchmarks/bench_throughput.py --record` "
+            prefix += "(see benchmarks/README.md).\n\n" + head
+        f.seek(0, os.SEEK_END)
+        f.write(prefix + row)
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the dry run is a CPU run
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|core_attn).*")
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not args.dry_run:
+        print("bench_throughput: no CUDA device; use --dry-run for the CPU plumbing check", file=sys.stderr)
+        return 2
+    import megatron.core
+    import transformers
+
+    from parallel.mesh import destroy_distributed, device, init_distributed
+    from pretrain.models.qwen2.flops import flops_per_token, param_count
+
+    job = compose_job(args, on_gpu=on_gpu)
+    init_distributed(job.parallel, seed=args.seed)  # a 1-rank group: megatron-core's layers query it
+    try:
+        dev_name = torch.cuda.get_device_name() if on_gpu else None
+        batch = make_batch(job, args, device())
+        ours, weights = run_ours(job, args, batch, want_hf_weights=args.peer == "hf")
+        results = {"ours": ours}
+        if args.peer == "hf":
+            results["peer"] = run_peer(job, args, batch, weights)
+        del weights
+    finally:
+        destroy_distributed()
+    fpt = flops_per_token(job.model, args.seq_len, job.model.vocab_size)
+    peak = peak_flops(dev_name, args.peak_tflops) if on_gpu else None
+    for side in results.values():
+        _add_mfu(side, fpt, peak)
+    count = param_count(job.model, job.model.vocab_size)
+    doc = {
+        "benchmark": "bench_throughput",
+        "command": "python benchmarks/bench_throughput.py " + shlex.join(args.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {
+            "model": job.model.name, "layers": job.model.num_layers, "seq_len": args.seq_len,
+            "micro_batch": args.micro_batch, "microbatches": args.microbatches,
+            "tokens_per_step": args.microbatches * args.micro_batch * args.seq_len,
+            "steps": args.steps, "warmup": args.warmup, "vocab_size": job.model.vocab_size,
+            "precision": job.trainer.precision, "attention": args.attention, "recompute": args.recompute,
+            "recompute_modules": args.recompute_modules if args.recompute == "selective" else None,
+            "compile": args.compile, "ours_adam": args.ours_adam, "peer": args.peer,
+            "peer_precision": args.peer_precision if on_gpu else "fp32", "dry_run": args.dry_run,
+        },
+        "machine": {
+            "device": dev_name or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "megatron_core": getattr(megatron.core, "__version__", "?"), "python": platform.python_version(),
+            "sdp_backends": ({"flash": torch.backends.cuda.flash_sdp_enabled(),
+                              "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                              "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                              "math": torch.backends.cuda.math_sdp_enabled()} if on_gpu else None),
+        },
+        "flops_per_token": fpt,
+        "flops_formula": "6 * active matmul params (incl. output layer) + 12 * layers * heads * head_dim * seq",
+        "peak_bf16_flops": peak,
+        "params": {"total": count.total, "active": count.active},
+        "results": results,
+    }
+    if "peer" in results and "tokens_per_s" in ours and "tokens_per_s" in results["peer"]:
+        doc["ratio_tokens_per_s_ours_over_peer"] = ours["tokens_per_s"] / results["peer"]["tokens_per_s"]
+        doc["loss_step0_abs_diff"] = abs(ours["loss_step0"] - results["peer"]["loss_step0"])
+    if args.json is not None:
+        text = json.dumps(doc, indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    if args.json != "-":
+        print_table(doc)
+    if args.record:
+        record_row(doc)
+    return 1 if any("error" in side for side in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
