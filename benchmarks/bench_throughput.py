@@ -92,7 +92,7 @@ PEAK_BF16_DENSE_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 TINY_PRESETS = {"dense": "qwen2_tiny", "moe": "qwen2_moe_tiny"}
-_ATTN_OP = re.compile(r"scaled_dot_product|flash|fmha|cudnn.*(attn|attention|sdpa)|attention|softmax|baddbmm",
+_ATTN_OP = re.compile(r"scaled_dot_product|flash|fmha|cudnn|attention|baddbmm",
                       re.IGNORECASE)
 
 
@@ -123,10 +123,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours-adam", choices=("default", "fused"), default="default",
                    help="ours: megatron-core's torch AdamW as built (foreach) or the fused kernel")
     p.add_argument("--peer", choices=("hf", "none"), default="hf")
-    p.add_argument("--peer-precision", choices=("amp", "bf16"), default="amp",
-                   help="HF peer on GPU: fp32 weights + bf16 autocast (amp), or pure bf16 weights/optimizer")
+    p.add_argument("--peer-precision", choices=("master", "amp", "bf16"), default="master",
+                   help="HF peer on GPU: bf16 model + fp32 master weights/grads/AdamW as ours (master), fp32 "
+                        "weights + bf16 autocast (amp), or pure bf16 weights/grads/AdamW states (bf16)")
     p.add_argument("--peer-experts", default=None,
                    help="HF MoE experts_implementation (eager, grouped_mm, batched_mm); default: transformers'")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on GPU, fp32 on CPU (--dry-run --precision bf16 runs the GPU's bf16 code paths "
+                        "on the CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense BF16 peak")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-profile", action="store_true", help="skip the extra profiled step (attention kernels)")
@@ -153,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------
 # Job config (Hydra, as the trainer composes it)
 # --------------------------------------------------------------------------------------------------
-def compose_job(args: argparse.Namespace, *, on_gpu: bool):
+def compose_job(args: argparse.Namespace, *, bf16: bool):
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
@@ -162,7 +166,7 @@ def compose_job(args: argparse.Namespace, *, on_gpu: bool):
     register_configs()
     overrides = [
         f"model={args.model}", "parallel=single",
-        f"trainer.precision={'bf16' if on_gpu else 'fp32'}",
+        f"trainer.precision={'bf16' if bf16 else 'fp32'}",
         f"model.attention_backend={args.attention}",
         f"data.seq_len={args.seq_len}",
         f"trainer.micro_batch_size={args.micro_batch}",
@@ -321,11 +325,66 @@ def make_batch(job, args: argparse.Namespace, device) -> list[dict]:
     return batches
 
 
-def _compile_layers(layers) -> int:
-    """``torch.compile`` each transformer layer in place (per-layer, as torchtitan does: one graph per layer)."""
+def _compile_layers(layers, attention_attr: str, moe: bool) -> str:
+    """``torch.compile`` each transformer layer in place (per layer, as torchtitan does); returns the scope.
+
+    MoE: only each layer's attention block. megatron-core's token dispatch is data-dependent (tokens per
+    expert: ``.item()``, ``masked_select``), which breaks the graph and recompiles on every step; the HF peer
+    gets the same scope so the two stay comparable.
+    The recompile limit is raised above the layer count so that no layer silently falls back to eager when
+    a guard differs between layers.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    limit = max(dynamo_config.recompile_limit, 2 * len(layers) + 8)
+    dynamo_config.recompile_limit = dynamo_config.cache_size_limit = limit
+    _quiet_megatron_warnings_when_compiling()
     for layer in layers:
-        layer.compile()
-    return len(layers)
+        (getattr(layer, attention_attr) if moe else layer).compile()
+    return f"{len(layers)} x {'attention block' if moe else 'transformer layer'}"
+
+
+def _quiet_megatron_warnings_when_compiling() -> None:
+    """megatron-core 0.16.1's ``RowParallelLinear.forward`` passes no ``tp_group`` on, so every call runs
+    ``warnings.warn(..., DeprecationWarning)`` in ``megatron.core.utils``: a builtin dynamo cannot trace, i.e.
+    a graph break in every layer. Inside compiled code that warning is skipped (it is a no-op after the
+    first call anyway)."""
+    import types
+
+    import megatron.core.utils as mcore_utils
+    import torch
+
+    if getattr(mcore_utils.warnings, "_bench_shim", False):
+        return
+
+    def warn(*a, **kw):
+        if torch.compiler.is_compiling():
+            return None
+        return warnings.warn(*a, **kw)
+
+    shim = types.ModuleType("warnings")
+    shim.__dict__.update(warnings.__dict__)
+    shim.warn, shim._bench_shim = warn, True
+    mcore_utils.warnings = shim
+
+
+def _compile_counters() -> dict:
+    """dynamo's global counters (graph breaks, graphs, recompilations), to diff around one side's run."""
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": sum(counters["graph_break"].values()),
+            "unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0,
+            "frames_ok": counters["frames"].get("ok", 0),
+            "break_reasons": dict(counters["graph_break"])}
+
+
+def _diff(after: dict, before: dict) -> dict:
+    out = {k: after[k] - before.get(k, 0) for k in after if k != "break_reasons"}
+    reasons = {r: n - before["break_reasons"].get(r, 0) for r, n in after["break_reasons"].items()}
+    top = sorted(((n, r) for r, n in reasons.items() if n > 0), reverse=True)[:5]
+    out["top_break_reasons"] = [f"{n}x {r[:200]}" for n, r in top]
+    return out
 
 
 def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weights: bool) -> tuple[dict, dict | None]:
@@ -356,12 +415,15 @@ def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weight
             hf_weights = to_hf([(Layout(), sd)], job.model, hf_vocab_size=job.model.vocab_size)
             del sd
         if args.compile:
-            result["compiled_layers"] = _compile_layers(gpt.decoder.layers)
+            result["compiled"] = _compile_layers(gpt.decoder.layers, "self_attention", job.model.is_moe)
+        counters_before = _compile_counters() if args.compile else None
 
         def step() -> float:
             return module.train_batch(batch).loss
 
         losses, times = _timed_steps(step, args.warmup, args.steps)
+        if args.compile:
+            result["compile_stats"] = _diff(_compile_counters(), counters_before)
         result.update(_figures(times, args), losses=losses, loss_step0=losses[0],
                       peak_memory_gib=_peak_memory())
         if not args.no_profile:
@@ -380,8 +442,17 @@ def _describe_optimizer(opt) -> str:
     if opt is None:
         return "?"
     d = opt.defaults
-    kind = "fused" if d.get("fused") else ("foreach" if d.get("foreach") in (True, None) else "for-loop")
-    return f"{type(opt).__module__}.{type(opt).__name__} ({kind})"
+    if d.get("fused"):
+        kind = "fused"
+    elif d.get("foreach"):
+        kind = "foreach"
+    elif d.get("foreach") is None:
+        kind = "torch default: foreach on CUDA, for-loop on CPU"
+    else:
+        kind = "for-loop"
+    name = "torch.optim.AdamW subclass with fused=True" if type(opt).__name__ == "FusedAdamW" else (
+        f"{type(opt).__module__}.{type(opt).__name__}")
+    return f"{name} ({kind})"
 
 
 def _figures(times: list[float], args) -> dict:
@@ -428,6 +499,43 @@ def _load_hf_weights(model, weights: dict) -> None:
         raise ValueError(f"weights not used by the HF model: {sorted(unused)[:5]}")
 
 
+class _MasterWeights:
+    """fp32 master weights, gradients and AdamW for a bf16 model: what megatron's Float16Module + distributed
+    optimizer do for ours (bf16 weights and compute, fp32 gradient copy, fp32 update, copy back)."""
+
+    def __init__(self, params: list, make_optimizer) -> None:
+        import torch
+
+        self.params = params
+        self.masters = [torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
+        for m in self.masters:
+            m.grad = torch.zeros_like(m)
+        self.optimizer = make_optimizer(self.masters)
+
+    def step(self, clip: float) -> None:
+        import torch
+
+        grads = [p.grad for p in self.params]
+        if all(g is not None for g in grads):
+            torch._foreach_copy_([m.grad for m in self.masters], grads)
+        else:  # a parameter without gradient this step (an MoE expert no token reached): zero
+            for m, g in zip(self.masters, grads):
+                m.grad.copy_(g) if g is not None else m.grad.zero_()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.masters, clip, foreach=True)
+        self.optimizer.step()
+        torch._foreach_copy_([p.data for p in self.params], [m.detach() for m in self.masters])
+        for p in self.params:
+            p.grad = None
+
+
+PEER_PRECISION = {
+    "master": "bf16 weights/compute, fp32 master weights + grads + AdamW (as ours)",
+    "amp": "fp32 weights + bf16 autocast",
+    "bf16": "pure bf16 weights, grads and AdamW states",
+}
+
+
 def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | None) -> dict:
     import torch
     import transformers
@@ -437,8 +545,11 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
 
     on_gpu = torch.cuda.is_available()
     dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    amp = on_gpu and args.peer_precision == "amp"
-    dtype = torch.bfloat16 if on_gpu and args.peer_precision == "bf16" else torch.float32
+    mode = args.peer_precision
+    bf16 = job.trainer.precision == "bf16"
+    # fp32 (the CPU dry run): fp32 everywhere, but the same code path (an fp32 "master" copy in master mode).
+    dtype = torch.bfloat16 if bf16 and mode in ("master", "bf16") else torch.float32
+    amp = bf16 and mode == "amp"
     config = hf_config_from_model(job.model, vocab_size=job.model.vocab_size)
     moe = job.model.is_moe
     if moe:
@@ -446,11 +557,11 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
     if moe and args.peer_experts:
         kwargs["experts_implementation"] = args.peer_experts
+    precision = PEER_PRECISION[mode] if bf16 else f"fp32 ({mode} code path)"
     result: dict = {"name": "peer", "impl": f"transformers {transformers.__version__} "
-                    f"{'Qwen2MoeForCausalLM' if moe else 'Qwen2ForCausalLM'} (sdpa, "
-                    f"{'fp32 weights + bf16 autocast' if amp else str(dtype).replace('torch.', '')})",
+                    f"{'Qwen2MoeForCausalLM' if moe else 'Qwen2ForCausalLM'} (sdpa; {precision})",
                     "memory_baseline_gib": _memory_start()}
-    model = opt = None
+    model = opt = master = None
     try:
         torch.manual_seed(args.seed)
         with dev:
@@ -466,18 +577,23 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         result["recompute"] = "full (gradient checkpointing)" if args.recompute == "full" else "none"
         if args.compile:
-            result["compiled_layers"] = _compile_layers(model.model.layers)
+            result["compiled"] = _compile_layers(model.model.layers, "self_attn", moe)
         o = job.optim
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                **({"fused": True} if on_gpu else {"foreach": True}))
+        params = list(model.parameters())  # tied embedding counted once
+
+        def make_optimizer(ps):  # no weight decay on biases and norms, as megatron's default
+            return torch.optim.AdamW([{"params": [p for p in ps if p.ndim >= 2], "weight_decay": o.weight_decay},
+                                      {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}],
+                                     lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                     **({"fused": True} if on_gpu else {"foreach": True}))
+
+        if mode == "master":
+            master = _MasterWeights(params, make_optimizer)
+        else:
+            opt = make_optimizer(params)
         result["optimizer"] = f"torch.optim.AdamW ({'fused' if on_gpu else 'foreach'})"
         coef = config.router_aux_loss_coef if moe else 0.0
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-        params = list(model.parameters())
+        autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
         def step() -> float:
             ce_total = 0.0
@@ -485,17 +601,23 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
                 with autocast():
                     out = model(input_ids=mb["tokens"], labels=mb["tokens"])
                 (out.loss / len(batch)).backward()
-                ce = out.loss.detach()
+                ce = out.loss.detach().float()
                 if moe:  # the reported loss is the cross-entropy alone, as ours reports it
-                    ce = ce - coef * out.aux_loss.detach()
-                ce_total += ce.float() / len(batch)
-            if o.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, o.clip_grad, foreach=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                    ce = ce - coef * out.aux_loss.detach().float()
+                ce_total += ce / len(batch)
+            if master is not None:
+                master.step(o.clip_grad)
+            else:
+                if o.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(params, o.clip_grad, foreach=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             return float(ce_total)
 
+        counters_before = _compile_counters() if args.compile else None
         losses, times = _timed_steps(step, args.warmup, args.steps)
+        if args.compile:
+            result["compile_stats"] = _diff(_compile_counters(), counters_before)
         result.update(_figures(times, args), losses=losses, loss_step0=losses[0], peak_memory_gib=_peak_memory())
         if not args.no_profile:
             result["attention_kernels"] = _profiled_attention_ops(step)
@@ -504,7 +626,7 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
             raise
         result.update(error=f"OOM: {str(exc).splitlines()[0][:200]}", peak_memory_gib=_peak_memory())
     finally:
-        del model, opt
+        del model, opt, master
         _free_memory()
     return result
 
@@ -556,6 +678,9 @@ def print_table(doc: dict, out=sys.stdout) -> None:
         print(f"ratio ours/peer tokens/s: {ratio:.3f}   (> 1: ours is faster); step-0 loss diff "
               f"{doc['loss_step0_abs_diff']:.2e}", file=out)
     for side in doc["results"].values():
+        if side.get("compile_stats"):
+            stats = {k: v for k, v in side["compile_stats"].items() if k != "top_break_reasons"}
+            print(f"{side['name']} torch.compile: {stats}", file=out)
         if side.get("attention_kernels"):
             print(f"{side['name']} attention ops/kernels: {', '.join(side['attention_kernels'][:6])}", file=out)
 
@@ -627,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     from parallel.mesh import destroy_distributed, device, init_distributed
     from pretrain.models.qwen2.flops import flops_per_token, param_count
 
-    job = compose_job(args, on_gpu=on_gpu)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and on_gpu)
+    job = compose_job(args, bf16=bf16)
     init_distributed(job.parallel, seed=args.seed)  # a 1-rank group: megatron-core's layers query it
     try:
         dev_name = torch.cuda.get_device_name() if on_gpu else None
@@ -656,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": job.trainer.precision, "attention": args.attention, "recompute": args.recompute,
             "recompute_modules": args.recompute_modules if args.recompute == "selective" else None,
             "compile": args.compile, "ours_adam": args.ours_adam, "peer": args.peer,
-            "peer_precision": args.peer_precision if on_gpu else "fp32", "dry_run": args.dry_run,
+            "peer_precision": args.peer_precision if bf16 else "fp32", "dry_run": args.dry_run,
         },
         "machine": {
             "device": dev_name or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",

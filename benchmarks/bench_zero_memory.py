@@ -14,7 +14,8 @@ that claims it:
            even for fp32 models; megatron's fp32 shards are views into the parameter buffer)
 * adam:    the torch AdamW state (exp_avg, exp_avg_sq, step)
 * buckets: DeepSpeed's gradient reduction bucket(s) (transient in principle, allocated once and kept)
-* other:   every other live tensor the garbage collector can see (RoPE tables, megatron's buffers ...)
+* other:   every other live tensor the garbage collector can see (RoPE tables; under ZeRO-2 DeepSpeed's
+           ``round_robin_bit16_meta``, a second copy of the first parameter group's unflattened tensors)
 
 Analytic fp32 figures with Ψ parameters (ZeRO paper, K = 8 for Adam in fp32): ZeRO-0 params 4Ψ + grads 4Ψ
 + Adam 8Ψ; ZeRO-1 shards Adam (8Ψ/dp); ZeRO-2 also gradients (4Ψ/dp); ZeRO-3 also parameters (4Ψ/dp).
@@ -56,10 +57,16 @@ def _inner_optimizers(module) -> list[torch.optim.Optimizer]:
 def _claims(module) -> dict[str, list[torch.Tensor]]:
     """Tensors per category, in the order categories claim storages."""
     claims: dict[str, list[torch.Tensor]] = {c: [] for c in CATEGORIES}
-    params = [p for c in module.chunks for p in c.parameters()]
+    chunks = [module.model] if hasattr(module, "engine") else module.chunks
+    params = [p for c in chunks for p in c.parameters()]
     claims["params"] = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
+    if hasattr(module, "engine"):  # DeepSpeed's flat parameter buffers (ZeRO-2: whole; ZeRO-3: this rank's part)
+        zopt = module.engine.optimizer
+        for name in ("bit16_groups_flat", "fp16_partitioned_groups_flat"):
+            claims["params"] += [t for t in getattr(zopt, name, None) or [] if torch.is_tensor(t)]
     claims["grads"] = [p.main_grad for p in params if getattr(p, "main_grad", None) is not None]
     claims["grads"] += [p.grad for p in params if p.grad is not None]
+    claims["grads"] += [p.grad_accum for p in params if getattr(p, "grad_accum", None) is not None]  # DeepSpeed
     for opt in _inner_optimizers(module):
         for group in opt.param_groups:
             claims["master"] += group["params"]
@@ -70,7 +77,8 @@ def _claims(module) -> dict[str, list[torch.Tensor]]:
         averaged = getattr(zopt, "averaged_gradients", {}) or {}
         for grads in averaged.values():
             claims["grads"] += [g for g in (grads if isinstance(grads, list) else [grads]) if torch.is_tensor(g)]
-        for name in ("grads_in_partition", "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"):
+        for name in ("grads_in_partition", "grad_partitions_flat_buffer",
+                     "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"):
             value = getattr(zopt, name, None)
             values = value.values() if isinstance(value, dict) else [value]
             claims["grads"] += [v for v in values if torch.is_tensor(v)]
@@ -132,7 +140,8 @@ def run_stage(rank: int, world_size: int, args, zeros: list[int]) -> dict:
             ps.destroy_model_parallel()
         init_distributed(job.parallel, seed=0)
         module = build_train_module(job, vocab_size=args.vocab)
-        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for c in module.chunks for p in c.parameters())
+        chunks = [module.model] if hasattr(module, "engine") else module.chunks
+        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for c in chunks for p in c.parameters())
         step_owner = module.engine.optimizer if hasattr(module, "engine") else module.optimizer
         original, seen = step_owner.step, {}
 
@@ -173,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     _import_deepspeed()  # once, before the ranks fork
     rows = []
     for dp in args.dp:
-        start = time.time()
-        ranks = run_distributed(run_stage, dp, args, args.zero, timeout=600)
-        print(f"dp={dp}: {time.time() - start:.0f} s", file=sys.stderr)
-        for zero in args.zero:
+        for zero in args.zero:  # fresh ranks per stage: a DeepSpeed engine is not freed by gc in-process
+            start = time.time()
+            ranks = run_distributed(run_stage, dp, args, [zero], timeout=600)
+            print(f"dp={dp} zero={zero}: {time.time() - start:.0f} s", file=sys.stderr)
             r0 = ranks[0][zero]
             rows.append((dp, zero, r0["params"], r0["bytes"], [r[zero]["bytes"] for r in ranks]))
     psi = rows[0][2]

@@ -35,7 +35,7 @@ from datatrove.utils.hashing import HashConfig
 
 from common.errors import ConfigError
 from data_pipeline.config import DataPipelineConfig
-from data_pipeline.filters import build_filters
+from data_pipeline.filters import build_filters, word_tokenizer
 from data_pipeline.manifest import Accounted, StageCounts, WriteManifest
 from data_pipeline.readers import StageOutputReader, build_readers, check_inputs
 from data_pipeline.tokenizer import ShardWriter, TrainBpeTokenizer, shard_prefix
@@ -146,7 +146,7 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
                            seed=m.seed, hash_config=HASH)
         sigs, buckets, remove = (layout.work / f"minhash_{x}" for x in ("sigs", "buckets", "remove_ids"))
         source = out_of[per_rank[per_rank.index("minhash_dedup") - 1]]
-        last.pipeline.append(MinhashDedupSignature(str(sigs), config=mh, language=lang))
+        last.pipeline.append(MinhashDedupSignature(str(sigs), config=mh, language=word_tokenizer(lang)))
         stages.append(Stage("minhash_buckets", [MinhashDedupBuckets(str(sigs), str(buckets), config=mh)],
                             m.num_buckets))
         stages.append(Stage("minhash_cluster", [MinhashDedupCluster(str(buckets), str(remove), config=mh)], 1))

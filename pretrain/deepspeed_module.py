@@ -68,8 +68,13 @@ class DeepSpeedTrainModule:
         self.scheduler = scheduler
         self.zero = zero
         self.dp = dist.get_world_size()
-        self.chunks = [engine.module]  # the bare GPTModel (ZeRO-3: its parameters are partitioned)
+        self.model = engine.module  # the bare GPTModel (ZeRO-3: its parameters are partitioned)
         self.optimizer = _NoCheckpointOptimizer(zero)
+
+    @property
+    def chunks(self):
+        """What the Checkpointer reads first when it saves: refuse there, before it writes anything."""
+        raise DeepSpeedCheckpointError(_NO_CHECKPOINT.format(zero=self.zero))
 
     def train_batch(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool = False) -> StepResult:
         """Forward/backward over the microbatches, then one optimizer step unless loss or gradients are not finite."""

@@ -141,14 +141,32 @@ def _run_case(rank: int, world_size: int, name: str, hf_dir: Path) -> dict:
     for bad in job.trainer.inject_nan_steps:
         plan.insert(bad - 1, (bad - 1, True))
     steps = [dataclasses.asdict(module.train_batch(per_step[i], poison=poison)) for i, poison in plan]
+    refused = None
     if hasattr(module, "engine"):  # DeepSpeed: whole tensors (gathered under ZeRO-3), the same on every rank
         state = module.full_state_dict()
+        refused = _checkpoint_refused(module)
         shards = [(Layout(), state)] if rank == 0 else []
     else:
         shards = [(Layout.current(vp_stage=i if len(module.chunks) > 1 else None), local_state_dict(c))
                   for i, c in enumerate(module.chunks)]
     shards = [(lay, {k: v.float() for k, v in sd.items()}) for lay, sd in shards]
-    return {"steps": steps, "shards": shards, "precision": _precision_report(module), "mesh": mesh.describe()}
+    return {"steps": steps, "shards": shards, "precision": _precision_report(module), "mesh": mesh.describe(),
+            "checkpoint_refused": refused}
+
+
+def _checkpoint_refused(module) -> bool:
+    """The Checkpointer cannot save DeepSpeed runs yet: it must say so (on every rank alike, no hang)."""
+    import os
+    import tempfile
+
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.deepspeed_module import DeepSpeedCheckpointError
+
+    try:
+        Checkpointer(Path(tempfile.gettempdir()) / f"layouts-{os.getppid()}", keep_last=1).save(3, module, {})
+    except DeepSpeedCheckpointError as e:
+        return "parallel.zero=1" in str(e)
+    return False
 
 
 def run_cases(rank: int, world_size: int, names: list[str], hf_dirs: dict) -> dict:
@@ -253,6 +271,7 @@ def test_layout_trains_like_one_process(name, request, references):
     weight_diff = _max_weight_diff(run["weights"], ref["weights"])
     MEASURED[name] = dict(loss=loss_diff, grad_norm_rel=norm_diff, weights=weight_diff, mesh=run["mesh"])
     if _is_deepspeed(name):
+        assert run["checkpoint_refused"] is True
         assert run["precision"]["offload"] == layout.get("offload_optimizer", False)
         if layout["zero"] == 3:  # each rank holds half of every matrix (1-D tensors stay whole)
             assert run["precision"]["params_held"] < 0.6, run["precision"]

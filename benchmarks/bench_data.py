@@ -1,0 +1,667 @@
+"""Data stage throughput (issue 6): Qwen2 tokenization, quality filters and MinHash dedup on one corpus.
+
+    python benchmarks/bench_data.py                         # the shipped sample corpus, markdown table
+    python benchmarks/bench_data.py --repeat 4 --runs 3     # tokenize the corpus 4x over; medians of 3 runs
+    python benchmarks/bench_data.py --json                  # one JSON document on stdout
+    python benchmarks/bench_data.py --record                # also append a section to benchmarks/RESULTS.md
+    python benchmarks/bench_data.py --docs 50 --no-bpe-qwen --runs 1 --json   # the smoke test's run
+
+1. Tokenization with Qwen2's real vocabulary (``data_pipeline.qwen_vocab``, installed exactly as the pipeline
+   installs it): (a) this project's ``tokenize`` stage, built by ``build_stages`` and run by
+   ``build_executors`` (datatrove ``LocalPipelineExecutor``, 2 tasks on ``--workers`` processes; shards read
+   back); (b) plain HF ``tokenizers`` ``encode_batch`` on the same tokenizer.json, in batches of 1000 like
+   the shard writer (its own rayon threads use every core); (c) ``bpe-qwen`` (PyPI, Rust;
+   ``encode_batch_parallel`` with one thread per core) on a vocab.json/merges.txt written from that
+   tokenizer.json, if it is installed. Token ids are compared document by document, (a) and (c) against
+   (b) (+ the EOS the stage appends), and every mismatch is counted. (a) is given two ways: the stage's
+   wall time (worker start and tokenizer loading included) and its steady rate (tokens over the busiest
+   task's time inside its steps, from datatrove's stats); the ratio to the fastest uses the steady rate.
+   ``--repeat N`` tokenizes the corpus N times over so that the fixed costs weigh less.
+2. Filters, one process (KB/s per core of document text read): datatrove's default chain (Gopher
+   repetition, Gopher quality, C4, FineWeb; its defaults; spaCy's blank English word tokenizer) and this
+   project's chain (``build_filters`` on the default config: the rules only for English or unknown
+   language), each with datatrove's stock spaCy tokenizer and with the project's ``CachingSpacyTokenizer``,
+   plus an experiment that replaces spaCy by regular expressions (not used by the pipeline). Kept documents
+   (id and text: C4 rewrites the text) must be identical between stock and caching tokenizers; the run
+   fails otherwise. ``--profile`` adds the top functions of one pass of the project chain.
+3. MinHash (the project's 14 x 8, 5-gram, SHA-1 64-bit config), one process: the signature step alone and
+   the 4 steps (signature, 14 bucket tasks, cluster, filter) in docs/s, with the stock and the caching word
+   tokenizer; signatures must be byte-identical.
+
+Filters and MinHash always run on the corpus once (``--docs`` first documents): repeated copies would be
+exact duplicates for MinHash and would pre-warm the caching tokenizer. Times are medians over ``--runs``.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import gzip
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CORPUS = ROOT / "data_pipeline" / "corpus" / "sample.jsonl"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+MACHINE = "2-core CPU (Debian 12, Python 3.11)"
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--corpus", default=str(CORPUS), help="JSONL with id, text, metadata.language")
+    p.add_argument("--docs", type=int, default=None, help="only the first N documents")
+    p.add_argument("--repeat", type=int, default=1, help="tokenize the corpus N times over")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for the project's tokenize stage (2 tasks); default: every core")
+    p.add_argument("--no-bpe-qwen", action="store_true", help="skip bpe-qwen even if installed")
+    p.add_argument("--skip", default="", help="sections to skip, comma-separated: tokenize,filters,minhash")
+    p.add_argument("--profile", action="store_true", help="cProfile one pass of the project filter chain")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write results as JSON to PATH (or stdout with no PATH; then no table)")
+    p.add_argument("--record", action="store_true", help=f"append the table to {RESULTS.relative_to(ROOT)}")
+    p.add_argument("--machine", default=MACHINE, help="machine description for --record")
+    args = p.parse_args(argv)
+    for name in ("repeat", "runs", "workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    return args
+
+
+def log(msg: str) -> None:
+    print(f"[bench_data] {msg}", file=sys.stderr, flush=True)
+
+
+def load_corpus(path: str, docs: int | None) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                records.append(json.loads(line))
+            if docs is not None and len(records) >= docs:
+                break
+    if not records:
+        raise SystemExit(f"no documents in {path}")
+    return records
+
+
+def documents(records: list[dict]) -> list:
+    from datatrove.data import Document
+
+    return [Document(text=r["text"], id=str(r["id"]), metadata=dict(r.get("metadata") or {})) for r in records]
+
+
+def nbytes(texts) -> int:
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. tokenization
+
+
+def _write_task_inputs(folder: Path, records: list[dict], tasks: int) -> None:
+    """``<task>.jsonl.gz`` files as an earlier stage writes them: contiguous slices, balanced by bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [len(r["text"].encode("utf-8")) for r in records]
+    total, bounds, acc, task = sum(sizes), [0], 0, 1
+    for i, size in enumerate(sizes):
+        acc += size
+        if task < tasks and acc >= total * task / tasks:
+            bounds.append(i + 1)
+            task += 1
+    bounds += [len(records)] * (tasks + 1 - len(bounds))
+    for t in range(tasks):
+        with gzip.open(folder / f"{t:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=1) as f:
+            for r in records[bounds[t]:bounds[t + 1]]:
+                f.write(json.dumps({"text": r["text"], "id": r["id"], "metadata": r.get("metadata") or {}},
+                                   ensure_ascii=False) + "\n")
+
+
+def read_megatron_shard(prefix: Path) -> list[list[int]]:
+    """Per-document token ids of one Megatron .bin/.idx pair (datatrove's MegatronTokenizedFile layout)."""
+    import numpy as np
+
+    idx = Path(f"{prefix}.idx").read_bytes()
+    assert idx[:9] == b"MMIDIDX\x00\x00", prefix
+    code = idx[17]
+    (count,) = struct.unpack("<Q", idx[18:26])
+    lengths = np.frombuffer(idx, dtype=np.int32, count=count, offset=34)
+    dtype = {4: np.int32, 8: np.uint16}[code]
+    tokens = np.fromfile(f"{prefix}.bin", dtype=dtype)
+    ends = np.cumsum(lengths)
+    return [tokens[e - n:e].tolist() for n, e in zip(lengths.tolist(), ends.tolist())]
+
+
+def bench_stage(cfg_root: Path, tokenizer_json: Path, records: list[dict], workers: int, runs: int) -> dict:
+    """(a): the pipeline's own tokenize stage, 2 tasks on ``workers`` processes."""
+    from data_pipeline.config import DataPipelineConfig, ExecutorConfig, TokenizerConfig
+    from data_pipeline.pipeline import Layout, build_executors, build_stages
+
+    tasks = 2
+    walls, steadies, tokens, ids = [], [], 0, None
+    for run in range(runs):
+        root = cfg_root / f"stage_run{run}"
+        cfg = DataPipelineConfig(tokenizer=TokenizerConfig(source="qwen2"), progress=False,
+                                 executor=ExecutorConfig(tasks=tasks, workers=workers), output_dir=str(root))
+        layout = Layout(root)
+        _write_task_inputs(layout.kept, records, tasks)
+        shutil.copyfile(tokenizer_json, layout.tokenizer)
+        stage = next(s for s in build_stages(cfg, layout, [str(CORPUS)]) if s.name == "tokenize")
+        (executor,) = build_executors(cfg, [stage], layout)
+        t0 = time.perf_counter()
+        executor.run()
+        walls.append(time.perf_counter() - t0)
+        busiest, run_tokens = 0.0, 0
+        for task in range(tasks):
+            steps = json.loads((layout.logs("tokenize") / "stats" / f"{task:05d}.json").read_text())
+            busiest = max(busiest, sum(s["time_stats"]["total"] for s in steps))
+            run_tokens += sum(s["stats"].get("tokens", {}).get("total", 0) for s in steps)
+        steadies.append(busiest)
+        docs = [d for task in range(tasks) if Path(f"{layout.shards}/{task:05d}_tokens.idx").exists()
+                for d in read_megatron_shard(layout.shards / f"{task:05d}_tokens")]
+        if ids is None:
+            ids, tokens = docs, sum(len(d) for d in docs)
+            assert run_tokens == tokens, (run_tokens, tokens)
+        shutil.rmtree(root)
+    return {"wall_s": median(walls), "steady_s": median(steadies), "wall_s_all": walls, "steady_s_all": steadies,
+            "tokens": tokens, "ids": ids}
+
+
+def bench_hf(tokenizer_json: Path, texts: list[str], runs: int, batch: int = 1000) -> dict:
+    """(b): plain ``tokenizers`` encode_batch on the same tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    t0 = time.perf_counter()
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.encode_special_tokens = True  # as the shard writer: a literal control token is plain text
+    load = time.perf_counter() - t0
+    times, ids = [], None
+    for _ in range(runs):
+        out = []
+        t0 = time.perf_counter()
+        for i in range(0, len(texts), batch):
+            out.extend(e.ids for e in tok.encode_batch(texts[i:i + batch]))
+        times.append(time.perf_counter() - t0)
+        ids = ids or out
+    return {"wall_s": median(times), "wall_s_all": times, "load_s": load, "tokens": sum(map(len, ids)), "ids": ids}
+
+
+def write_bpe_qwen_files(tokenizer_json: Path, folder: Path) -> None:
+    """vocab.json + merges.txt (what bpe-qwen reads) from an HF byte-level BPE tokenizer.json."""
+    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    with open(folder / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        for m in model["merges"]:
+            f.write((" ".join(m) if isinstance(m, list) else m) + "\n")
+
+
+def bench_bpe_qwen(tokenizer_json: Path, work: Path, texts: list[str], runs: int) -> dict:
+    """(c): bpe-qwen, from local files only."""
+    try:
+        import bpe_qwen
+    except ImportError as exc:
+        return {"skipped": f"not installed ({exc})"}
+    folder = work / "bpe_qwen"
+    write_bpe_qwen_files(tokenizer_json, folder)
+    t0 = time.perf_counter()
+    tok = bpe_qwen.QwenTokenizer(str(folder))
+    load = time.perf_counter() - t0
+    threads = os.cpu_count() or 1
+    times, ids = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = tok.encode_batch_parallel(texts, threads)
+        times.append(time.perf_counter() - t0)
+        ids = ids or [list(x) for x in out]
+    return {"wall_s": median(times), "wall_s_all": times, "load_s": load, "tokens": sum(map(len, ids)), "ids": ids,
+            "version": getattr(bpe_qwen, "__version__", None) or _dist_version("bpe-qwen")}
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _mismatches(ref: list[list[int]], other: list[list[int]], texts: list[str], languages: list[str],
+                append: int | None = None) -> dict:
+    bad = []
+    for i, (a, b) in enumerate(zip(ref, other)):
+        a = list(a) + ([append] if append is not None else [])
+        if a != list(b):
+            first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            bad.append({"doc": i, "language": languages[i], "first_diff_token": first,
+                        "text_near": texts[i][:80]})
+    if len(ref) != len(other):
+        bad.append({"doc": None, "language": None, "first_diff_token": None,
+                    "text_near": f"document count {len(ref)} vs {len(other)}"})
+    by_lang: dict[str, int] = {}
+    for b in bad:
+        by_lang[str(b["language"])] = by_lang.get(str(b["language"]), 0) + 1
+    return {"compared_docs": min(len(ref), len(other)), "mismatched_docs": len(bad), "by_language": by_lang,
+            "examples": bad[:5]}
+
+
+def bench_tokenize(args, records: list[dict], work: Path) -> dict:
+    from data_pipeline.config import DataPipelineConfig, TokenizerConfig
+    from data_pipeline.pipeline import Layout, install_tokenizer
+
+    base = Layout(work / "tokenizer")
+    base.root.mkdir(parents=True)
+    t0 = time.perf_counter()
+    install_tokenizer(DataPipelineConfig(tokenizer=TokenizerConfig(source="qwen2")), base)  # as the pipeline
+    convert_s = time.perf_counter() - t0
+    tokenizer_json = base.tokenizer
+    rep = records * args.repeat
+    texts = [r["text"] for r in rep]
+    languages = [str((r.get("metadata") or {}).get("language")) for r in rep]
+    n_bytes = nbytes(texts)
+    eos = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    eos_id = next(t["id"] for t in eos["added_tokens"] if t["content"] == "<|endoftext|>")
+
+    log(f"tokenize: (b) HF encode_batch on {len(texts)} docs, {n_bytes / 1e6:.2f} MB")
+    hf = bench_hf(tokenizer_json, texts, args.runs)
+    log("tokenize: (a) the pipeline's tokenize stage")
+    stage = bench_stage(work, tokenizer_json, rep, args.workers, args.runs)
+    bq = {"skipped": "--no-bpe-qwen"} if args.no_bpe_qwen else None
+    if bq is None:
+        log("tokenize: (c) bpe-qwen")
+        bq = bench_bpe_qwen(tokenizer_json, work, texts, args.runs)
+
+    rows = {
+        "a_pipeline_stage": {"what": f"this project's tokenize stage ({args.workers} workers, 2 tasks)",
+                             "tokens": stage["tokens"], "seconds": stage["steady_s"],
+                             "wall_s": stage["wall_s"], "seconds_all": stage["steady_s_all"],
+                             "wall_s_all": stage["wall_s_all"]},
+        "b_hf_encode_batch": {"what": "HF tokenizers encode_batch (rayon, all cores)", "tokens": hf["tokens"],
+                              "seconds": hf["wall_s"], "seconds_all": hf["wall_s_all"], "load_s": hf["load_s"]},
+    }
+    if "skipped" not in bq:
+        rows["c_bpe_qwen"] = {"what": f"bpe-qwen {bq['version']} encode_batch_parallel ({os.cpu_count()} threads)",
+                              "tokens": bq["tokens"], "seconds": bq["wall_s"], "seconds_all": bq["wall_s_all"],
+                              "load_s": bq["load_s"]}
+    for row in rows.values():
+        row["tokens_per_s"] = row["tokens"] / row["seconds"]
+        row["mb_per_s"] = n_bytes / row["seconds"] / 1e6
+    a = rows["a_pipeline_stage"]
+    a["tokens_per_s_wall"] = a["tokens"] / a["wall_s"]
+    a["mb_per_s_wall"] = n_bytes / a["wall_s"] / 1e6
+    fastest = max(rows.values(), key=lambda r: r["tokens_per_s"])["tokens_per_s"]
+    for row in rows.values():
+        row["ratio_to_fastest"] = row["tokens_per_s"] / fastest
+    a["ratio_to_fastest_wall"] = a["tokens_per_s_wall"] / fastest
+
+    unique = len(records)  # repeated copies tokenize alike: compare the first copy
+    checks = {"a_vs_b": _mismatches(hf["ids"][:unique], stage["ids"][:unique], texts, languages, append=eos_id)}
+    if "skipped" not in bq:
+        checks["c_vs_b"] = _mismatches(hf["ids"][:unique], bq["ids"][:unique], texts, languages)
+    return {"corpus_docs": len(texts), "corpus_bytes": n_bytes, "repeat": args.repeat, "workers": args.workers,
+            "convert_qwen_tiktoken_s": convert_s, "eos_id": eos_id, "rows": rows, "id_checks": checks,
+            "bpe_qwen": bq if "skipped" in bq else {"load_s": bq["load_s"], "version": bq["version"],
+                                                      "offline": "reads vocab.json/merges.txt from a local folder"}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. filters
+
+
+class RegexWordTokenizer:
+    """Experiment only (not used by the pipeline): words = runs of word characters or of other non-space
+    characters; sentences = datatrove's WhitespaceTokenizer regex. Changes decisions (reported)."""
+
+    def __new__(cls):
+        import regex
+        from datatrove.utils.word_tokenizers import WhitespaceTokenizer
+
+        class _Regex(WhitespaceTokenizer):
+            _words = regex.compile(r"\w+|[^\w\s]+")
+
+            def word_tokenize(self, text: str) -> list[str]:
+                return self._words.findall(text)
+
+        return _Regex()
+
+
+def datatrove_default_chain(language) -> list:
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+
+    return [GopherRepetitionFilter(language=language), GopherQualityFilter(language=language),
+            C4QualityFilter(language=language), FineWebQualityFilter(language=language)]
+
+
+def project_chain(tokenizer, work: Path) -> list:
+    """``build_filters`` on the default config; ``tokenizer`` replaces what the rules get as ``language``
+    (None: as shipped)."""
+    from data_pipeline.config import FiltersConfig
+    from data_pipeline.filters import build_filters
+
+    steps = [step for _, step in build_filters(FiltersConfig(), work / "excluded")]
+    for step in steps:
+        step.exclusion_writer = None  # writing the dropped documents is not filtering
+        if tokenizer is not None:
+            step.rule.language = tokenizer
+    return steps
+
+
+def _preload(steps) -> None:
+    """Load the spaCy pipeline before timing (a fixed cost); the caches stay cold."""
+    for step in steps:
+        lang = getattr(getattr(step, "rule", step), "language", None)
+        if lang is not None and not isinstance(lang, str) and hasattr(lang, "tokenizer"):
+            lang.tokenizer
+
+
+def run_chain(steps, docs) -> list[tuple[str, str]]:
+    data = iter(docs)
+    for step in steps:
+        data = step.run(data, 0, 1)
+    return [(d.id, d.text) for d in data]
+
+
+def bench_filters(args, records: list[dict], work: Path) -> dict:
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    from data_pipeline.filters import CachingSpacyTokenizer, word_tokenizer
+
+    n_bytes = nbytes(r["text"] for r in records)
+    en_bytes = nbytes(r["text"] for r in records if (r.get("metadata") or {}).get("language") in ("en", None))
+    load_word_tokenizer("eng").tokenizer  # datatrove's (process-wide) stock tokenizer, loaded once
+    chains = {
+        "datatrove_default_stock": ("datatrove default chain, stock spaCy tokenizer",
+                                    lambda: datatrove_default_chain("eng")),
+        "datatrove_default_caching": ("datatrove default chain, CachingSpacyTokenizer",
+                                      lambda: datatrove_default_chain(word_tokenizer("eng"))),
+        "project_stock": ("project chain, stock spaCy tokenizer (before)", lambda: project_chain("eng", work)),
+        "project_shipped": ("project chain as shipped (CachingSpacyTokenizer)", lambda: project_chain(None, work)),
+        "project_regex_experiment": ("project chain, regex words/sentences (experiment, not shipped)",
+                                     lambda: project_chain(RegexWordTokenizer(), work)),
+    }
+    assert isinstance(project_chain(None, work)[0].rule.language, CachingSpacyTokenizer)
+    rows, kept = {}, {}
+    for run in range(args.runs):
+        for key, (what, make) in chains.items():
+            steps = make()
+            _preload(steps)
+            docs = documents(records)
+            t0 = time.perf_counter()
+            out = run_chain(steps, docs)
+            elapsed = time.perf_counter() - t0
+            rows.setdefault(key, {"what": what, "seconds_all": []})["seconds_all"].append(elapsed)
+            kept.setdefault(key, out)
+            log(f"filters run {run + 1}/{args.runs}: {key} {elapsed:.2f}s")
+    for key, row in rows.items():
+        row["seconds"] = median(row["seconds_all"])
+        row["kb_per_s_per_core"] = n_bytes / row["seconds"] / 1e3
+        row["kept_docs"] = len(kept[key])
+    for key, ref in (("datatrove_default_caching", "datatrove_default_stock"),
+                     ("project_shipped", "project_stock"), ("project_regex_experiment", "project_stock")):
+        a, b = dict(kept[key]), dict(kept[ref])
+        rows[key]["vs"] = ref
+        rows[key]["identical_kept"] = kept[key] == kept[ref]
+        rows[key]["decisions_differ"] = len(a.keys() ^ b.keys())
+        rows[key]["texts_differ"] = sum(a[k] != b[k] for k in a.keys() & b.keys())
+        rows[key]["speedup"] = rows[ref]["seconds"] / rows[key]["seconds"]
+    result = {"docs": len(records), "bytes": n_bytes, "rules_bytes_project": en_bytes, "rows": rows,
+              "kept_ids_project": sorted(k for k, _ in kept["project_shipped"])}
+    if args.profile:
+        result["profile"] = {key: profile_chain(chains[key][1], records) for key in ("project_stock", "project_shipped")}
+    return result
+
+
+def profile_chain(make, records, top: int = 8) -> dict:
+    steps = make()
+    _preload(steps)
+    docs = documents(records)
+    prof = cProfile.Profile()
+    prof.enable()
+    run_chain(steps, docs)
+    prof.disable()
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    total = stats.total_tt
+    rows = []
+    for (file, line, fn), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+        rows.append((tottime, cumtime, ncalls, f"{Path(file).name}:{line}({fn})"))
+    by_tot = sorted(rows, reverse=True)[:top]
+
+    def cum(name: str) -> float:
+        return max((r[1] for r in rows if r[3].endswith(f"({name})")), default=0.0)
+
+    return {"total_s": total,
+            "share": {"spacy_new_lexeme (vocab lexeme creation)": cum("_new_lexeme") / total,
+                      "spacy_tokenizer (incl. lexemes)": cum("_tokenize_affixes") / total,
+                      "spacy_sentencizer": cum("predict") / total,
+                      "gopher_repetition n-gram code": (cum("find_all_duplicate") + cum("find_top_duplicate")) / total},
+            "top_tottime": [{"function": f, "tottime_s": t, "cumtime_s": c, "calls": n} for t, c, n, f in by_tot]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. MinHash
+
+
+def bench_minhash(args, records: list[dict], work: Path) -> dict:
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from loguru import logger
+
+    from data_pipeline.config import MinhashConfig as ProjectMinhash
+    from data_pipeline.filters import word_tokenizer
+    from data_pipeline.pipeline import HASH
+
+    logger.disable("datatrove")
+    m = ProjectMinhash()
+    mh = MinhashConfig(n_grams=m.n_grams, num_buckets=m.num_buckets, hashes_per_bucket=m.hashes_per_bucket,
+                       seed=m.seed, hash_config=HASH)
+    rows, sig_bytes, removed = {}, {}, {}
+    try:
+        for run in range(args.runs):
+            for key, what, make in (("stock", "stock spaCy tokenizer (before)", lambda: "eng"),
+                                    ("shipped", "CachingSpacyTokenizer (as shipped)", lambda: word_tokenizer("eng"))):
+                root = work / f"minhash_{key}_{run}"
+                sigs, buckets, remove = root / "sigs", root / "buckets", root / "remove"
+                step = MinhashDedupSignature(str(sigs), config=mh, language=make())
+                step.word_tokenizer.tokenizer  # load spaCy before timing; its caches stay cold
+                docs = documents(records)
+                t0 = time.perf_counter()
+                step.run(iter(docs), 0, 1)
+                t1 = time.perf_counter()
+                for b in range(mh.num_buckets):
+                    MinhashDedupBuckets(str(sigs), str(buckets), config=mh).run(None, b, mh.num_buckets)
+                t2 = time.perf_counter()
+                MinhashDedupCluster(str(buckets), str(remove), config=mh).run(None, 0, 1)
+                t3 = time.perf_counter()
+                kept = [d.id for d in MinhashDedupFilter(str(remove)).run(iter(docs), 0, 1)]
+                t4 = time.perf_counter()
+                row = rows.setdefault(key, {"what": what, "signature_s_all": [], "all4_s_all": [],
+                                            "stage_s_all": {"signature": [], "buckets": [], "cluster": [],
+                                                            "filter": []}})
+                row["signature_s_all"].append(t1 - t0)
+                row["all4_s_all"].append(t4 - t0)
+                for name, s in zip(("signature", "buckets", "cluster", "filter"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    row["stage_s_all"][name].append(s)
+                if run == 0:
+                    sig_bytes[key] = {str(p.relative_to(sigs)): p.read_bytes() for p in sorted(sigs.rglob("*")) if p.is_file()}
+                    removed[key] = sorted({d.id for d in docs} - set(kept))
+                shutil.rmtree(root)
+                log(f"minhash run {run + 1}/{args.runs}: {key} signature {t1 - t0:.2f}s, 4 steps {t4 - t0:.2f}s")
+    finally:
+        logger.enable("datatrove")
+    n = len(records)
+    for row in rows.values():
+        row["signature_s"] = median(row["signature_s_all"])
+        row["all4_s"] = median(row["all4_s_all"])
+        row["stage_s"] = {k: median(v) for k, v in row.pop("stage_s_all").items()}
+        row["signature_docs_per_s"] = n / row["signature_s"]
+        row["all4_docs_per_s"] = n / row["all4_s"]
+    rows["shipped"]["identical_signatures"] = sig_bytes["shipped"] == sig_bytes["stock"]
+    rows["shipped"]["identical_removed"] = removed["shipped"] == removed["stock"]
+    return {"docs": n, "rows": rows, "removed": len(removed["shipped"]), "removed_ids": removed["shipped"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def _f(x: float, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def table(doc: dict) -> str:
+    out = []
+    tok = doc.get("tokenize")
+    if tok:
+        out += [f"### Tokenization, Qwen2 vocabulary ({tok['corpus_docs']} docs, {tok['corpus_bytes'] / 1e6:.2f} MB = "
+                f"corpus x {tok['repeat']}; median of {doc['config']['runs']})", "",
+                "| method | tokens | s | Mtok/s | MB/s | x fastest |", "|---|---:|---:|---:|---:|---:|"]
+        for key, r in tok["rows"].items():
+            out.append(f"| ({key[0]}) {r['what']} | {r['tokens']:,} | {_f(r['seconds'])} | "
+                       f"{_f(r['tokens_per_s'] / 1e6, 3)} | {_f(r['mb_per_s'])} | {_f(r['ratio_to_fastest'])} |")
+            if key.startswith("a_"):
+                out.append(f"| (a) same, stage wall time (worker start + tokenizer load included) | {r['tokens']:,} | "
+                           f"{_f(r['wall_s'])} | {_f(r['tokens_per_s_wall'] / 1e6, 3)} | {_f(r['mb_per_s_wall'])} | "
+                           f"{_f(r['ratio_to_fastest_wall'])} |")
+        if "skipped" in tok["bpe_qwen"]:
+            out.append(f"| (c) bpe-qwen: skipped, {tok['bpe_qwen']['skipped']} | | | | | |")
+        out.append("")
+        loads = [f"qwen.tiktoken -> tokenizer.json {_f(tok['convert_qwen_tiktoken_s'], 1)} s",
+                 f"HF tokenizer.json load {_f(tok['rows']['b_hf_encode_batch']['load_s'], 1)} s"]
+        if "c_bpe_qwen" in tok["rows"]:
+            loads.append(f"bpe-qwen load {_f(tok['rows']['c_bpe_qwen']['load_s'], 1)} s")
+        out.append("Not timed above: " + ", ".join(loads) + ".")
+        for key, c in tok["id_checks"].items():
+            out.append(f"Token ids {key.replace('_vs_', ' vs ')}: {c['mismatched_docs']} mismatched of "
+                       f"{c['compared_docs']} docs" + (f" {c['by_language']}" if c["mismatched_docs"] else ""))
+        out.append("")
+    fil = doc.get("filters")
+    if fil:
+        out += [f"### Filters, one process ({fil['docs']} docs, {fil['bytes'] / 1e6:.2f} MB; the project's rules see "
+                f"the {fil['rules_bytes_project'] / 1e6:.2f} MB in English; median of {doc['config']['runs']})", "",
+                "| chain | s | KB/s/core | kept | vs | same kept docs | speed-up |", "|---|---:|---:|---:|---|---|---:|"]
+        for r in fil["rows"].values():
+            same = ("" if "vs" not in r else "yes" if r["identical_kept"] else
+                    f"NO ({r['decisions_differ']} decisions, {r['texts_differ']} texts differ)")
+            out.append(f"| {r['what']} | {_f(r['seconds'])} | {_f(r['kb_per_s_per_core'], 1)} | {r['kept_docs']} | "
+                       f"{r.get('vs', '')} | {same} | {_f(r['speedup']) + 'x' if 'speedup' in r else ''} |")
+        out.append("")
+        for key, p in fil.get("profile", {}).items():
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items())
+            out.append(f"Profile {key} ({_f(p['total_s'], 1)} s under cProfile): {shares}. Top by own time: " +
+                       "; ".join(f"{t['function']} {_f(t['tottime_s'])} s" for t in p["top_tottime"][:5]))
+        if fil.get("profile"):
+            out.append("")
+    mh = doc.get("minhash")
+    if mh:
+        out += [f"### MinHash dedup, one process ({mh['docs']} docs; removed {mh['removed']}; median of "
+                f"{doc['config']['runs']})", "",
+                "| word tokenizer | signature s | signature docs/s | 4 steps s | 4 steps docs/s | identical |",
+                "|---|---:|---:|---:|---:|---|"]
+        for r in mh["rows"].values():
+            same = "" if "identical_signatures" not in r else (
+                "yes" if r["identical_signatures"] and r["identical_removed"] else "NO")
+            out.append(f"| {r['what']} | {_f(r['signature_s'])} | {_f(r['signature_docs_per_s'], 0)} | "
+                       f"{_f(r['all4_s'])} | {_f(r['all4_docs_per_s'], 0)} | {same} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def record(doc: dict, text: str, args) -> None:
+    cmd = "python benchmarks/bench_data.py " + " ".join(doc["argv"])
+    la0, la1 = doc["machine"]["load_average_before"], doc["machine"]["load_average_after"]
+    section = (f"\n## Data stage throughput (bench_data.py), {doc['date']}\n\n"
+               f"- command: `{cmd.strip()}`\n- machine: {args.machine}; load average (1/5/15 min) before "
+               f"{'/'.join(f'{x:.2f}' for x in la0)}, after {'/'.join(f'{x:.2f}' for x in la1)} (a shared machine: "
+               f"timings are noisy)\n- versions: {doc['machine']['versions']}\n\n{text}\n")
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nSections are appended by the benchmark scripts (`--record`).\n")
+    with open(RESULTS, "a", encoding="utf-8") as f:
+        f.write(section)
+
+
+def _versions() -> str:
+    names = ("datatrove", "tokenizers", "spacy", "bpe-qwen")
+    return ", ".join(f"{n} {_dist_version(n)}" for n in names if _dist_version(n))
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - {"tokenize", "filters", "minhash"}
+    if unknown:
+        raise SystemExit(f"--skip: unknown section(s) {sorted(unknown)}")
+    records = load_corpus(args.corpus, args.docs)
+    load_before = os.getloadavg()
+    doc = {"benchmark": "bench_data", "argv": sys.argv[1:] if argv is None else list(argv),
+           "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "config": {k: v for k, v in vars(args).items() if k not in ("json", "record")}}
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        work = Path(tmp)
+        if "tokenize" not in skip:
+            doc["tokenize"] = bench_tokenize(args, records, work / "tok")
+            if doc["tokenize"]["id_checks"]["a_vs_b"]["mismatched_docs"]:
+                failures.append("token ids of the pipeline stage differ from HF encode_batch")
+        if "filters" not in skip:
+            doc["filters"] = bench_filters(args, records, work / "filters")
+            rows = doc["filters"]["rows"]
+            for key in ("project_shipped", "datatrove_default_caching"):
+                if not rows[key]["identical_kept"]:
+                    failures.append(f"filters: {key} kept other documents than {rows[key]['vs']}")
+        if "minhash" not in skip:
+            doc["minhash"] = bench_minhash(args, records, work / "minhash")
+            r = doc["minhash"]["rows"]["shipped"]
+            if not (r["identical_signatures"] and r["identical_removed"]):
+                failures.append("minhash: the caching tokenizer changed signatures or removals")
+    doc["machine"] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                      "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                      "versions": _versions()}
+    doc["failures"] = failures
+    text = table(doc)
+    if args.json is not None:
+        body = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(body)
+        else:
+            Path(args.json).write_text(body + "\n")
+    if args.json != "-":
+        print(text)
+        for f in failures:
+            print(f"FAILED: {f}")
+    if args.record:
+        record(doc, text, args)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
