@@ -82,8 +82,11 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
+_T0 = time.perf_counter()
+
+
 def log(msg: str) -> None:
-    print(f"[bench_data] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench_data {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def load_corpus(path: str, docs: int | None) -> list[dict]:
@@ -269,6 +272,7 @@ def bench_tokenize(args, records: list[dict], work: Path) -> dict:
     from data_pipeline.config import DataPipelineConfig, TokenizerConfig
     from data_pipeline.pipeline import Layout, install_tokenizer
 
+    log("tokenize: installing the Qwen2 tokenizer as the pipeline does (qwen.tiktoken -> tokenizer.json)")
     base = Layout(work / "tokenizer")
     base.root.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -633,6 +637,7 @@ def main(argv=None) -> int:
             if doc["tokenize"]["id_checks"]["a_vs_b"]["mismatched_docs"]:
                 failures.append("token ids of the pipeline stage differ from HF encode_batch")
         if "filters" not in skip:
+            log("filters")
             doc["filters"] = bench_filters(args, records, work / "filters")
             rows = doc["filters"]["rows"]
             for key in ("project_shipped", "datatrove_default_caching"):

@@ -122,7 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer layer (both sides)")
     p.add_argument("--ours-adam", choices=("default", "fused"), default="default",
                    help="ours: megatron-core's torch AdamW as built (foreach) or the fused kernel")
-    p.add_argument("--peer", choices=("hf", "none"), default="hf")
+    p.add_argument("--peer", choices=("hf", "none"), default="hf", help="hf: also run the transformers peer")
+    p.add_argument("--skip-ours", action="store_true",
+                   help="run the peer only (random HF init, no ratio): for peer-only knobs such as --peer-precision")
     p.add_argument("--peer-precision", choices=("master", "amp", "bf16"), default="master",
                    help="HF peer on GPU: bf16 model + fp32 master weights/grads/AdamW as ours (master), fp32 "
                         "weights + bf16 autocast (amp), or pure bf16 weights/grads/AdamW states (bf16)")
@@ -137,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write the results as JSON to PATH ('-' or no PATH: stdout, and no table)")
     p.add_argument("--record", action="store_true", help=f"append a row to {RESULTS_MD.relative_to(REPO)}")
+    p.add_argument("--record-to", type=Path, default=RESULTS_MD, metavar="MD",
+                   help="with --record: the markdown file to append to (the GPU script collects rows in $OUT)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, fp32, tiny preset, 3 steps (1 warm-up): checks the plumbing")
     args = p.parse_args(argv)
@@ -146,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seq_len = min(args.seq_len, 128)
         args.micro_batch = min(args.micro_batch, 2)
         args.steps, args.warmup = 2, 1
+    if args.skip_ours and args.peer == "none":
+        p.error("--skip-ours with --peer none leaves nothing to run")
     for name in ("seq_len", "micro_batch", "microbatches", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -705,11 +711,14 @@ def record_row(doc: dict, path: Path = RESULTS_MD) -> None:
             return side["error"].split(":")[0]
         return _fmt(side.get(key), spec)
 
+    c = doc["config"]
     notes = f"torch {doc['machine']['torch']}, transformers {doc['machine']['transformers']}"
+    if peer:
+        notes += f", peer precision {c.get('peer_precision')}"
     if peer and "experts_implementation" in peer:
         notes += f", HF experts {peer['experts_implementation']}"
-    if doc["config"]["dry_run"]:
-        notes += ", DRY RUN (CPU fp32)"
+    if c["dry_run"]:
+        notes += f", DRY RUN (CPU {c.get('precision')})"
     row = (f"| {doc['date'][:16].replace('T', ' ')} | {doc['machine']['device']} | `{doc['command']}` | "
            f"{cell(ours, 'tokens_per_s', '.0f')} | {cell(ours, 'mfu', '.1%')} | {cell(ours, 'peak_memory_gib', '.1f')} | "
            f"{cell(peer, 'tokens_per_s', '.0f')} | {cell(peer, 'mfu', '.1%')} | {cell(peer, 'peak_memory_gib', '.1f')} | "
@@ -723,11 +732,9 @@ def record_row(doc: dict, path: Path = RESULTS_MD) -> None:
         ours_last = bool(sections) and sections[-1] == header and text.rstrip("\n").splitlines()[-1].startswith("|")
         prefix = ""
         if not ours_last:
-            if not text:
-                prefix = "# Benchmark results\n\n"
-            elif not text.endswith("\n"):
+            if text and not text.endswith("\n"):
                 prefix = "\n"
-            prefix += ("\n" if text else "") + header + "\n\nAppended by `benchmarks/bench_throughput.py --record` "
+            prefix += "\n" + header + "\n\nAppended by `benchmarks/bench_throughput.py --record` "
             prefix += "(see benchmarks/README.md).\n\n" + head
         f.seek(0, os.SEEK_END)
         f.write(prefix + row)
@@ -758,8 +765,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dev_name = torch.cuda.get_device_name() if on_gpu else None
         batch = make_batch(job, args, device())
-        ours, weights = run_ours(job, args, batch, want_hf_weights=args.peer == "hf")
-        results = {"ours": ours}
+        results, weights = {}, None
+        if not args.skip_ours:
+            results["ours"], weights = run_ours(job, args, batch, want_hf_weights=args.peer == "hf")
         if args.peer == "hf":
             results["peer"] = run_peer(job, args, batch, weights)
         del weights
@@ -799,19 +807,22 @@ def main(argv: list[str] | None = None) -> int:
         "params": {"total": count.total, "active": count.active},
         "results": results,
     }
-    if "peer" in results and "tokens_per_s" in ours and "tokens_per_s" in results["peer"]:
-        doc["ratio_tokens_per_s_ours_over_peer"] = ours["tokens_per_s"] / results["peer"]["tokens_per_s"]
-        doc["loss_step0_abs_diff"] = abs(ours["loss_step0"] - results["peer"]["loss_step0"])
+    ours, peer = results.get("ours", {}), results.get("peer", {})
+    if "tokens_per_s" in ours and "tokens_per_s" in peer:
+        doc["ratio_tokens_per_s_ours_over_peer"] = ours["tokens_per_s"] / peer["tokens_per_s"]
+        doc["loss_step0_abs_diff"] = abs(ours["loss_step0"] - peer["loss_step0"])
     if args.json is not None:
-        text = json.dumps(doc, indent=2, default=str)
         if args.json == "-":
-            print(text)
+            print(json.dumps(doc, indent=2, default=str))
+        elif args.json.endswith(".jsonl"):  # one line per run, appended (the GPU script collects runs so)
+            with open(args.json, "a", encoding="utf-8") as f:
+                f.write(json.dumps(doc, default=str) + "\n")
         else:
-            Path(args.json).write_text(text + "\n")
+            Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
     if args.json != "-":
         print_table(doc)
     if args.record:
-        record_row(doc)
+        record_row(doc, args.record_to)
     return 1 if any("error" in side for side in results.values()) else 0
 
 

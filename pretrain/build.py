@@ -7,7 +7,6 @@ from pathlib import Path
 
 from megatron.core.transformer.module import Float16Module
 
-from common.errors import ConfigError
 from parallel.data import apply_ddp
 from parallel.mesh import Mesh
 from pretrain.callbacks import ConsoleLogger, MetricsFile, Throughput, WandbLogger
@@ -64,10 +63,6 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
 
 def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> Trainer:
     t = job.trainer
-    if job.parallel.zero in (2, 3):  # refuse before training, not at the first save hours later
-        from pretrain.deepspeed_module import _NO_CHECKPOINT
-
-        raise ConfigError(_NO_CHECKPOINT.format(zero=job.parallel.zero))
     vocab_size = padded_vocab_size(job.model, shards.vocab_size, job.parallel.tp)
     checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last)
     # A run that resumes overwrites the weights anyway: skip loading pretrained ones.
