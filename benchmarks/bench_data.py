@@ -73,7 +73,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="cProfile one pass of the project filter chain")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write results as JSON to PATH (or stdout with no PATH; then no table)")
-    p.add_argument("--record", action="store_true", help=f"append the table to {RESULTS.relative_to(ROOT)}")
+    p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--machine", default=MACHINE, help="machine description for --record")
     args = p.parse_args(argv)
     for name in ("repeat", "runs", "workers"):
@@ -601,14 +601,24 @@ def table(doc: dict) -> str:
 
 
 def record(doc: dict, text: str, args) -> None:
-    cmd = "python benchmarks/bench_data.py " + " ".join(doc["argv"])
-    la0, la1 = doc["machine"]["load_average_before"], doc["machine"]["load_average_after"]
-    section = (f"\n## Data stage throughput (bench_data.py), {doc['date']}\n\n"
-               f"- command: `{cmd.strip()}`\n- machine: {args.machine}; load average (1/5/15 min) before "
-               f"{'/'.join(f'{x:.2f}' for x in la0)}, after {'/'.join(f'{x:.2f}' for x in la1)} (a shared machine: "
-               f"timings are noisy)\n- versions: {doc['machine']['versions']}\n\n{text}\n")
+    """Append one section to benchmarks/RESULTS.md (never rewrites what is there)."""
+    argv, shown = list(doc["argv"]), []
+    while argv:  # where the JSON went is not part of the measurement
+        arg = argv.pop(0)
+        if arg == "--json":
+            if argv and not argv[0].startswith("-"):
+                argv.pop(0)
+        elif not arg.startswith("--json="):
+            shown.append(arg)
+    cmd = " ".join(["python benchmarks/bench_data.py", *shown])
+    la0, la1 = ("/".join(f"{x:.1f}" for x in doc["machine"][k]) for k in ("load_average_before", "load_average_after"))
+    section = (f"\n## Data stage: Qwen2 tokenization, quality filters, MinHash (bench_data.py)\n\n"
+               f"Command: `{cmd}`\n"
+               f"Machine: {args.machine}; {doc['machine']['versions']}.\n"
+               f"Date: {doc['date']}; load average (1/5/15 min) {la0} before, {la1} after (a shared machine: "
+               f"timings are noisy, compare rows of one run).\n\n{text.rstrip()}\n")
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nSections are appended by the benchmark scripts (`--record`).\n")
+        RESULTS.write_text("# Benchmark results\n\nSections are appended, newest last.\n")
     with open(RESULTS, "a", encoding="utf-8") as f:
         f.write(section)
 

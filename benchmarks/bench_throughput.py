@@ -92,7 +92,7 @@ PEAK_BF16_DENSE_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 TINY_PRESETS = {"dense": "qwen2_tiny", "moe": "qwen2_moe_tiny"}
-_ATTN_OP = re.compile(r"scaled_dot_product|flash|fmha|cudnn|attention|baddbmm",
+_ATTN_OP = re.compile(r"scaled_dot_product|flash|fmha|cudnn|sdpa|attention|baddbmm",
                       re.IGNORECASE)
 
 
@@ -115,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default 2048)")
     p.add_argument("--attention", choices=("sdpa", "local"), default="sdpa",
                    help="ours: torch SDPA (flash/cuDNN on GPU) or megatron's unfused DotProductAttention")
+    p.add_argument("--sdpa-backend", choices=("auto", "flash", "cudnn", "efficient", "math"), default="auto",
+                   help="restrict torch SDPA (both sides) to one backend via torch.nn.attention.sdpa_kernel; "
+                        "auto: torch's own choice")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
                    help="megatron activation recompute (recompute_granularity)")
     p.add_argument("--recompute-modules", default="core_attn",
@@ -281,6 +284,17 @@ def _profiled_attention_ops(step) -> list[str]:
     return [n[:160] for n in names][:40]
 
 
+def _sdpa_backend(name: str):
+    """A context restricting ``F.scaled_dot_product_attention`` to one backend (``auto``: torch's choice)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([backend])
+
+
 def _free_memory() -> None:
     import torch
 
@@ -303,10 +317,18 @@ def _peak_memory() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def _is_oom(exc: BaseException) -> bool:
+def _recorded_error(exc: BaseException) -> str | None:
+    """Errors recorded in the result (the run goes on to the other side): out of memory, and no SDPA kernel
+    for a forced ``--sdpa-backend``. Anything else propagates."""
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    text = str(exc)
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return f"OOM: {first}"
+    if "No available kernel" in text or "No viable backend" in text:
+        return f"no SDPA kernel: {first}"
+    return None
 
 
 def make_batch(job, args: argparse.Namespace, device) -> list[dict]:
@@ -427,17 +449,19 @@ def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weight
         def step() -> float:
             return module.train_batch(batch).loss
 
-        losses, times = _timed_steps(step, args.warmup, args.steps)
-        if args.compile:
-            result["compile_stats"] = _diff(_compile_counters(), counters_before)
-        result.update(_figures(times, args), losses=losses, loss_step0=losses[0],
-                      peak_memory_gib=_peak_memory())
-        if not args.no_profile:
-            result["attention_kernels"] = _profiled_attention_ops(step)
-    except Exception as exc:  # noqa: BLE001 - record OOM and carry on to the peer
-        if not _is_oom(exc):
+        with _sdpa_backend(args.sdpa_backend):
+            losses, times = _timed_steps(step, args.warmup, args.steps)
+            if args.compile:
+                result["compile_stats"] = _diff(_compile_counters(), counters_before)
+            result.update(_figures(times, args), losses=losses, loss_step0=losses[0],
+                          peak_memory_gib=_peak_memory())
+            if not args.no_profile:
+                result["attention_kernels"] = _profiled_attention_ops(step)
+    except Exception as exc:  # noqa: BLE001 - record OOM and carry on
+        error = _recorded_error(exc)
+        if error is None:
             raise
-        result.update(error=f"OOM: {str(exc).splitlines()[0][:200]}", peak_memory_gib=_peak_memory())
+        result.update(error=error, peak_memory_gib=_peak_memory())
     finally:
         del module
         _free_memory()
@@ -621,16 +645,19 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
             return float(ce_total)
 
         counters_before = _compile_counters() if args.compile else None
-        losses, times = _timed_steps(step, args.warmup, args.steps)
-        if args.compile:
-            result["compile_stats"] = _diff(_compile_counters(), counters_before)
-        result.update(_figures(times, args), losses=losses, loss_step0=losses[0], peak_memory_gib=_peak_memory())
-        if not args.no_profile:
-            result["attention_kernels"] = _profiled_attention_ops(step)
-    except Exception as exc:  # noqa: BLE001
-        if not _is_oom(exc):
+        with _sdpa_backend(args.sdpa_backend):
+            losses, times = _timed_steps(step, args.warmup, args.steps)
+            if args.compile:
+                result["compile_stats"] = _diff(_compile_counters(), counters_before)
+            result.update(_figures(times, args), losses=losses, loss_step0=losses[0],
+                          peak_memory_gib=_peak_memory())
+            if not args.no_profile:
+                result["attention_kernels"] = _profiled_attention_ops(step)
+    except Exception as exc:  # noqa: BLE001 - record OOM and carry on
+        error = _recorded_error(exc)
+        if error is None:
             raise
-        result.update(error=f"OOM: {str(exc).splitlines()[0][:200]}", peak_memory_gib=_peak_memory())
+        result.update(error=error, peak_memory_gib=_peak_memory())
     finally:
         del model, opt, master
         _free_memory()
@@ -640,6 +667,25 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
+def command_line(argv: list[str]) -> str:
+    """The command that reproduces the measurement: argv without the output options (--json, --record...)."""
+    kept, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in ("--record",):
+            continue
+        if name in ("--json", "--record-to"):
+            # --json takes an optional value: skip the next token only if it is not another option.
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            skip = "=" not in a and nxt is not None and (name == "--record-to" or not nxt.startswith("--"))
+            continue
+        kept.append(a)
+    return "python benchmarks/bench_throughput.py " + shlex.join(kept)
+
+
 def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
     if override_tflops is not None:
         return override_tflops * 1e12
@@ -664,7 +710,8 @@ def print_table(doc: dict, out=sys.stdout) -> None:
     peak = doc["peak_bf16_flops"]
     print(f"bench_throughput: {c['model']} ({c['layers']} layers) | seq {c['seq_len']} x micro-batch "
           f"{c['micro_batch']} x {c['microbatches']} microbatch(es) = {c['tokens_per_step']} tokens/step | "
-          f"{c['precision']} | attention {c['attention']} | recompute {c['recompute']} | "
+          f"{c['precision']} | attention {c['attention']} (SDPA backend {c.get('sdpa_backend', 'auto')}) | "
+          f"recompute {c['recompute']} | "
           f"compile {'on' if c['compile'] else 'off'}", file=out)
     print(f"device: {m['device']} (peak bf16 dense: {_fmt(peak and peak / 1e12, '.0f')} TFLOP/s) | "
           f"median of {c['steps']} steps after {c['warmup']} warm-up | flops/token {doc['flops_per_token']:.4g} | "
@@ -780,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     count = param_count(job.model, job.model.vocab_size)
     doc = {
         "benchmark": "bench_throughput",
-        "command": "python benchmarks/bench_throughput.py " + shlex.join(args.argv),
+        "command": command_line(args.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {
             "model": job.model.name, "layers": job.model.num_layers, "seq_len": args.seq_len,
@@ -790,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": job.trainer.precision, "attention": args.attention, "recompute": args.recompute,
             "recompute_modules": args.recompute_modules if args.recompute == "selective" else None,
             "compile": args.compile, "ours_adam": args.ours_adam, "peer": args.peer,
+            "sdpa_backend": args.sdpa_backend,
             "peer_precision": args.peer_precision if bf16 else "fp32", "dry_run": args.dry_run,
         },
         "machine": {

@@ -77,9 +77,9 @@ class CachingSpacyTokenizer(SpaCyTokenizer):
 
     Inside a memory zone spaCy neither keeps the lexemes it creates nor caches how it split a chunk, so
     datatrove's tokenizer rebuilds every word's lexeme (Python attribute getters: shape, like_num, ...) in
-    every document: ~75% of the Gopher/C4/FineWeb filter time. Here lexemes and the tokenizer's chunk
-    cache persist, and memory stays bounded by starting a fresh spaCy pipeline once the vocabulary holds
-    ``max_lexemes`` entries. Words are read from the tokenizer alone (the sentencizer, which
+    every document: most of the Gopher/C4/FineWeb filter and MinHash signature time. Here lexemes and the
+    tokenizer's chunk cache persist, and memory stays bounded by starting a fresh spaCy pipeline once the
+    vocabulary holds ``max_lexemes`` entries (~0.5 KB each: ~100 MB). Words are read from the tokenizer alone (the sentencizer, which
     ``word_tokenize`` ran for nothing, only marks sentence starts). Same tokens, same sentences: neither
     depends on the lexeme cache (checked on the shipped corpus by benchmarks/bench_data.py).
     """
@@ -132,7 +132,10 @@ class CachingSpacyTokenizer(SpaCyTokenizer):
 def word_tokenizer(language: str) -> str | WordTokenizer:
     """What the rules get as ``language``: datatrove's tokenizer for ``language`` (an ISO 639-3/1 code), as a
     :class:`CachingSpacyTokenizer` when that is a spaCy one; else the code itself."""
-    tok = load_word_tokenizer(language)
+    try:
+        tok = load_word_tokenizer(language)
+    except (ValueError, ImportError) as exc:  # unknown code, or its tokenizer's package is missing
+        raise ConfigError(f"data_pipeline.filters.text_language={language!r}: {exc}") from exc
     return CachingSpacyTokenizer(tok.language) if type(tok) is SpaCyTokenizer else language
 
 

@@ -64,7 +64,7 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
 def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> Trainer:
     t = job.trainer
     vocab_size = padded_vocab_size(job.model, shards.vocab_size, job.parallel.tp)
-    checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last)
+    checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last, async_save=t.async_save)
     # A run that resumes overwrites the weights anyway: skip loading pretrained ones.
     module = build_train_module(job, vocab_size, init_weights=checkpointer.latest() is None)
     train_set, _ = build_datasets(job.data, shards, seed=t.seed, train_samples=t.steps * t.global_batch_size,

@@ -115,9 +115,11 @@ def verify(directory: Path) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep_last: int) -> None:
+    def __init__(self, root: Path, keep_last: int, *, async_save: bool = False) -> None:
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
+        self.async_save = async_save
+        self._queue = None  # megatron-core's AsyncCallsQueue, created on the first asynchronous save
         self._verified: set[Path] = set()  # checksumming a large checkpoint is slow: once per process
 
     def _complete(self) -> list[Path]:
@@ -146,12 +148,38 @@ class Checkpointer:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
+        self.wait()  # one save in flight at a time, published in order
         dist.barrier()
         state = _sharded_state(train_module, is_loading=False, extra={"trainer": trainer_state})
-        dist_checkpointing.save(state, str(tmp))
         torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        if self.async_save:
+            # The tensors are staged now; a background writer stores them while training goes on, and the
+            # checkpoint is published (renamed, pointed to) once every rank's writer has finished.
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            request.add_finalize_fn(lambda: self._publish(tmp, final))
+            self._queue = self._queue or AsyncCallsQueue()
+            self._queue.schedule_async_request(request)
+            return final
+        dist_checkpointing.save(state, str(tmp))
         dist.barrier()
-        if rank == 0:
+        self._publish(tmp, final)
+        dist.barrier()
+        return final
+
+    def poll(self) -> None:
+        """Publish asynchronous saves whose writes have finished on every rank (collective, cheap)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until every asynchronous save is written and published (collective)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        if dist.get_rank() == 0:
             (tmp / _CHECKSUMS).write_text(json.dumps(_file_checksums(tmp)))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # the checkpoint is complete from here on ...
@@ -161,8 +189,6 @@ class Checkpointer:
             for old in self._complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("saved checkpoint %s", final)
-        dist.barrier()
-        return final
 
     def load(self, path: Path, train_module) -> dict:
         """Load model, optimizer, schedule and RNG from ``path``; return the trainer state saved with them."""

@@ -105,6 +105,8 @@ class TrainerConfig:
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     """Checkpoints kept on disk."""
+    async_save: bool = False
+    """Write checkpoints in the background while training continues (published when every rank is done)."""
     plot_loss: bool = True
     """Write loss_curve.png into the run directory at the end."""
     max_bad_steps: int = 5

@@ -70,11 +70,13 @@ class Trainer:
                 if self.save_every and self.step % self.save_every == 0 and not result.skipped:
                     self.checkpointer.save(self.step, self.module, self.state_dict())
                     saved_at = self.step
+                self.checkpointer.poll()
                 if self._stop_requested():
                     log.warning("stop signal received: saving at step %d and exiting", self.step)
                     break
             if saved_at != self.step:
                 self.checkpointer.save(self.step, self.module, self.state_dict())
+            self.checkpointer.wait()
             self._call("on_train_end")
         except BaseException as exc:
             self._call("on_error", exc)

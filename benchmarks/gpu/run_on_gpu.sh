@@ -11,7 +11,7 @@
 #           and the Qwen1.5-MoE-A2.7B shape cut to MOE_LAYERS layers (3 on an 80 GB GPU, 6 on a larger one;
 #           retried with 2 on OOM). Each: ours vs the HF peer, micro-batch 1, 20 steps after 3 warm-up.
 #   knobs   qwen2_1_5b seq 4096, one knob at a time: --attention local, local + --recompute selective,
-#           --recompute full (peer: gradient checkpointing), --ours-adam fused.
+#           --recompute full (peer: gradient checkpointing), --ours-adam fused, --sdpa-backend cudnn (both).
 #   knobs2  qwen2_1_5b seq 4096: --compile (both sides), and the peer alone in --peer-precision amp / bf16.
 #
 # Writes under $OUT (what comes back; at most 8 files): run.log (everything printed), env.txt (GPU, versions,
@@ -24,17 +24,18 @@ OUT=${OUT:-$PWD/outputs/gpu_bench}
 BUDGET_S=${BUDGET_S:-540}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
 LOG=$OUT/run.log
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 
 say() { echo "$*" | tee -a "$LOG"; }
 
-# 1. The carried wheels (megatron-core, hydra-core, omegaconf, antlr4), into /tmp/site: the image stays as is.
+# 1. The carried wheels (megatron-core, hydra-core, omegaconf, antlr4), into $SITE: the image stays as is.
 if ls .wheels/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         .wheels/*.whl 2>&1 | grep -v "Running pip as the 'root' user" | tee -a "$LOG"
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ! "$PY" -c "import megatron.core, hydra, omegaconf, transformers, torch" 2>>"$LOG"; then
@@ -59,7 +60,7 @@ if torch.cuda.is_available():
           "mem_efficient", b.mem_efficient_sdp_enabled(), "math", b.math_sdp_enabled())
 EOF
 } > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt" | tee -a "$LOG"
+tee -a "$LOG" <"$OUT/env.txt"
 
 START=$SECONDS
 # bench NAME TIMEOUT_S [--no-record] ARGS...: one benchmark process; its exit status.
@@ -70,12 +71,14 @@ bench() {
     if ((left < 60)); then say "=== SKIP $name: ${left}s of the ${BUDGET_S}s budget left"; return 3; fi
     ((limit > left)) && limit=$left
     say "=== $name ($(date -u +%T), timeout ${limit}s): bench_throughput.py $* $EXTRA_ARGS"
+    local from
+    from=$(wc -l <"$LOG")
     # shellcheck disable=SC2086
     timeout "$limit" "$PY" benchmarks/bench_throughput.py "$@" --json "$OUT/results.jsonl" "${record[@]}" \
         $EXTRA_ARGS >>"$LOG" 2>&1
     local rc=$?
-    # The table (and any traceback) into the call's output tail too.
-    tail -n 12 "$LOG" | grep -v "^===" || true
+    # This run's table (or the end of its traceback) into the call's output tail too.
+    tail -n +"$((from + 1))" "$LOG" | grep -v -E "Warning|warnings.warn|USDT|^ +return func|^ +if hasattr" | tail -n 12
     say "=== $name: exit $rc at +$((SECONDS - START))s"
     return $rc
 }
@@ -111,6 +114,7 @@ knobs)
     bench local_selective 150 "${M15[@]}" --attention local --recompute selective --peer none
     bench recompute_full 200 "${M15[@]}" --recompute full
     bench ours_fused_adam 150 "${M15[@]}" --ours-adam fused --peer none
+    bench sdpa_cudnn 150 "${M15[@]}" --sdpa-backend cudnn
     ;;
 knobs2)
     bench compile 330 "${M15[@]}" --compile

@@ -149,3 +149,20 @@ def test_nan_steps_are_skipped_and_counted_then_stop(tmp_path, shards):
     assert "last good checkpoint:" in proc.stderr and "step_00000002" in proc.stderr
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step_00000002"
     assert verify(tmp_path / "b" / "checkpoints" / "step_00000002") is None
+
+
+@pytest.mark.timeout(600)
+def test_async_save_publishes_complete_checkpoints_and_resumes_exactly(tmp_path, shards):
+    args = ("parallel=single", "trainer.steps=6", "trainer.save_every=2")
+    run(tmp_path / "sync", shards, *args)
+    run(tmp_path / "async", shards, *args, "trainer.async_save=true")
+    assert losses(tmp_path / "async") == losses(tmp_path / "sync")  # writing in the background changes nothing
+    ckpts = tmp_path / "async" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    assert not list(ckpts.glob("*.tmp")) and verify(ckpts / "step_00000004") is None
+    # Resume a fresh run from the asynchronously written step-4 checkpoint.
+    (tmp_path / "resume" / "checkpoints").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(ckpts / "step_00000004"), str(tmp_path / "resume" / "checkpoints")], check=True)
+    (tmp_path / "resume" / "checkpoints" / "latest").write_text("step_00000004")
+    run(tmp_path / "resume", shards, *args)
+    assert losses(tmp_path / "resume") == {s: losses(tmp_path / "sync")[s] for s in (5, 6)}
