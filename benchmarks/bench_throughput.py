@@ -2,7 +2,7 @@
 
     python benchmarks/bench_throughput.py --model qwen2_1_5b --seq-len 4096 --micro-batch 1 --steps 20
     python benchmarks/bench_throughput.py --model qwen2_0_5b --seq-len 4096 --json out.json --record
-    python benchmarks/bench_throughput.py --model qwen1_5_moe_a2_7b --layers 4 --seq-len 4096
+    python benchmarks/bench_throughput.py --model qwen1_5_moe_a2_7b --layers 3 --seq-len 4096
     python benchmarks/bench_throughput.py --dry-run --json -        # CPU plumbing check, tiny preset, fp32
 
 What is measured, in one process, one side after the other (never both resident on the GPU):
@@ -16,10 +16,12 @@ What is measured, in one process, one side after the other (never both resident 
 * **peer** (``--peer hf``): transformers ``Qwen2ForCausalLM`` / ``Qwen2MoeForCausalLM`` built from the
   same shape (``hf_config_from_model``), holding the SAME initial weights (ours' weights converted with
   ``hf_adapter.to_hf``), ``attn_implementation="sdpa"``, torch fused AdamW (same lr, betas, eps, weight
-  decay with no decay on biases/norms, grad clip), the same token batch. ``--peer-precision amp``
-  (default): fp32 weights + ``torch.autocast(bf16)`` -- fp32 master weights and Adam states like ours;
-  ``bf16``: weights, grads and Adam states in bf16 (less memory and optimizer work: not the same
-  numerics). MoE: ``output_router_logits=True`` so the peer also computes a load-balancing loss.
+  decay with no decay on biases/norms, grad clip), the same token batch. ``--peer-precision master``
+  (default) mirrors ours: bf16 weights and compute, fp32 master weights + gradients + AdamW states;
+  ``amp``: fp32 weights + ``torch.autocast(bf16)`` (HF Trainer's bf16=True; note transformers' grouped_mm
+  MoE experts are not autocast, so they run in fp32); ``bf16``: weights, grads and Adam states in bf16
+  (less memory and optimizer work: not the same numerics). MoE: ``output_router_logits=True`` so the peer
+  also computes a load-balancing loss; both sides report the cross-entropy alone.
 
 Timing: ``--warmup`` unmeasured steps, then ``--steps`` steps, each bracketed by
 ``torch.cuda.synchronize()``; the figure is the MEDIAN step time. tokens/s = microbatches x micro-batch x
@@ -42,14 +44,16 @@ operators/kernels it hit are recorded (``attention_kernels``): on CUDA/bf16 with
 expect ``aten::_scaled_dot_product_flash_attention`` (or ``..._cudnn_attention``) and flash/cuDNN kernels,
 never ``..._attention_math``.
 
-Knobs (each recorded in the JSON and the RESULTS.md row): ``--attention sdpa|local``, ``--recompute
-none|selective|full`` (megatron ``recompute_granularity``; selective recomputes ``--recompute-modules``,
-default core_attn; full = uniform, 1 layer per unit; the HF peer gets gradient checkpointing for full, nothing
-for selective), ``--compile`` (``torch.compile`` of every transformer layer of both sides), ``--layers N``
-(cut the layer count, e.g. for the 14B-parameter Qwen1.5-MoE-A2.7B on one 80 GB GPU), ``--ours-adam``.
-``--record`` appends one row to benchmarks/RESULTS.md. ``--dry-run`` runs on the CPU in fp32 with the tiny
-preset (qwen2_tiny, or qwen2_moe_tiny for an MoE ``--model``), 3 steps, and the peer: a plumbing check
-(MFU n/a), whose step-0 losses of the two sides agree to ~1e-6 (same weights, same batch, fp32).
+Knobs (each recorded in the JSON and the RESULTS.md row): ``--attention sdpa|local``, ``--sdpa-backend``
+(both sides), ``--recompute none|selective|full`` (megatron ``recompute_granularity``; selective recomputes
+``--recompute-modules``, default core_attn; full = uniform, 1 layer per unit; the HF peer gets gradient
+checkpointing for full, nothing for selective), ``--compile`` (``torch.compile`` per transformer layer of
+both sides; MoE: per attention block), ``--layers N`` (cut the layer count, e.g. for the 14B-parameter
+Qwen1.5-MoE-A2.7B on one 80 GB GPU), ``--ours-adam``, ``--peer-precision``, ``--skip-ours``/``--peer none``.
+``--record`` appends one row to benchmarks/RESULTS.md (``--record-to`` another file). ``--dry-run`` runs on
+the CPU (CUDA hidden) in fp32 with the tiny preset (qwen2_tiny, or qwen2_moe_tiny for an MoE ``--model``),
+seq <= 128, 3 steps (1 warm-up), and the peer: a plumbing check (MFU n/a), whose step-0 losses of the two
+sides agree to ~1e-6 (same weights, same batch, fp32). See benchmarks/README.md for the GPU procedure.
 """
 from __future__ import annotations
 
@@ -766,10 +770,11 @@ def record_row(doc: dict, path: Path = RESULTS_MD) -> None:
         notes += f", HF experts {peer['experts_implementation']}"
     if c["dry_run"]:
         notes += f", DRY RUN (CPU {c.get('precision')})"
-    row = (f"| {doc['date'][:16].replace('T', ' ')} | {doc['machine']['device']} | `{doc['command']}` | "
-           f"{cell(ours, 'tokens_per_s', '.0f')} | {cell(ours, 'mfu', '.1%')} | {cell(ours, 'peak_memory_gib', '.1f')} | "
-           f"{cell(peer, 'tokens_per_s', '.0f')} | {cell(peer, 'mfu', '.1%')} | {cell(peer, 'peak_memory_gib', '.1f')} | "
-           f"{_fmt(doc.get('ratio_tokens_per_s_ours_over_peer'), '.2f', '-')} | {notes} |\n")
+    figures = [cell(side, key, spec) for side in (ours, peer)
+               for key, spec in (("tokens_per_s", ".0f"), ("mfu", ".1%"), ("peak_memory_gib", ".1f"))]
+    cells = [doc["date"][:16].replace("T", " "), doc["machine"]["device"], f"`{doc['command']}`", *figures,
+             _fmt(doc.get("ratio_tokens_per_s_ours_over_peer"), ".2f", "-"), notes]
+    row = "| " + " | ".join(cells) + " |\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

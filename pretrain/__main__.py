@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, TrainingDivergedError
-from pretrain.config import JobConfig, register_configs, validate_job
+from pretrain.config import JobConfig, check_trainable, register_configs, validate_job
 from pretrain.data import Shards
 
 log = logging.getLogger("pretrain")
@@ -55,6 +55,7 @@ def run(job: JobConfig, run_dir: Path) -> None:
     from parallel.mesh import destroy_distributed, init_distributed, world_size_from_env
 
     validate_job(job, world_size_from_env())
+    check_trainable(job)
     shards = Shards.from_config(job.data)  # a missing data path fails here, before any process group
     mesh = init_distributed(job.parallel, seed=job.trainer.seed)
     try:
@@ -88,6 +89,7 @@ def main(cfg: DictConfig) -> None:
         nproc = job.parallel.local_world_size
         if "RANK" not in os.environ and nproc > 1:
             validate_job(job, nproc)  # refuse a bad layout before starting any process
+            check_trainable(job)
             Shards.from_config(job.data)
             _launch_local(nproc, run_dir, sweep_overrides)
             return

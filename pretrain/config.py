@@ -176,16 +176,19 @@ def validate_job(job: JobConfig, world_size: int) -> int:
             f"the interleaved schedule needs the number of microbatches ({microbatches} = global_batch_size / "
             f"(micro_batch_size × dp)) to be a multiple of parallel.pp={parallel.pp}"
         )
-    if parallel.zero in (2, 3):
-        # Refused here, before any process starts, rather than at the first save hours later.
-        raise ConfigError(
-            f"parallel.zero={parallel.zero} runs through DeepSpeed, whose sharded optimizer state the trainer's "
-            "checkpointer (megatron-core torch_dist) cannot save or load yet; use parallel.zero=1 (megatron-core's "
-            "distributed optimizer, ZeRO-1). ZeRO-2/3 are available to build_train_module (tests, benchmarks)."
-        )
     if job.data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len={job.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     return dp
+
+
+def check_trainable(job: JobConfig) -> None:
+    """What the training CLI cannot run yet, refused before any process starts (not at the first save)."""
+    if job.parallel.zero in (2, 3):
+        raise ConfigError(
+            f"parallel.zero={job.parallel.zero} runs through DeepSpeed, whose sharded optimizer state the trainer's "
+            "checkpointer (megatron-core torch_dist) cannot save or load yet; use parallel.zero=1 (megatron-core's "
+            "distributed optimizer, ZeRO-1). ZeRO-2/3 are available to build_train_module (tests, benchmarks)."
+        )
 
 
 def register_configs() -> None:
