@@ -39,7 +39,6 @@ import datetime as dt
 import gzip
 import io
 import json
-import math
 import os
 import platform
 import pstats
@@ -436,7 +435,8 @@ def bench_filters(args, records: list[dict], work: Path) -> dict:
     result = {"docs": len(records), "bytes": n_bytes, "rules_bytes_project": en_bytes, "rows": rows,
               "kept_ids_project": sorted(k for k, _ in kept["project_shipped"])}
     if args.profile:
-        result["profile"] = {key: profile_chain(chains[key][1], records) for key in ("project_stock", "project_shipped")}
+        result["profile"] = {key: profile_chain(chains[key][1], records)
+                             for key in ("project_stock", "project_shipped")}
     return result
 
 
@@ -516,7 +516,8 @@ def bench_minhash(args, records: list[dict], work: Path) -> dict:
                 for name, s in zip(("signature", "buckets", "cluster", "filter"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                     row["stage_s_all"][name].append(s)
                 if run == 0:
-                    sig_bytes[key] = {str(p.relative_to(sigs)): p.read_bytes() for p in sorted(sigs.rglob("*")) if p.is_file()}
+                    sig_bytes[key] = {str(p.relative_to(sigs)): p.read_bytes()
+                                      for p in sorted(sigs.rglob("*")) if p.is_file()}
                     removed[key] = sorted({d.id for d in docs} - set(kept))
                 shutil.rmtree(root)
                 log(f"minhash run {run + 1}/{args.runs}: {key} signature {t1 - t0:.2f}s, 4 steps {t4 - t0:.2f}s")
@@ -572,7 +573,8 @@ def table(doc: dict) -> str:
     if fil:
         out += [f"### Filters, one process ({fil['docs']} docs, {fil['bytes'] / 1e6:.2f} MB; the project's rules see "
                 f"the {fil['rules_bytes_project'] / 1e6:.2f} MB in English; median of {doc['config']['runs']})", "",
-                "| chain | s | KB/s/core | kept | vs | same kept docs | speed-up |", "|---|---:|---:|---:|---|---|---:|"]
+                "| chain | s | KB/s/core | kept | vs | same kept docs | speed-up |",
+                "|---|---:|---:|---:|---|---|---:|"]
         for r in fil["rows"].values():
             same = ("" if "vs" not in r else "yes" if r["identical_kept"] else
                     f"NO ({r['decisions_differ']} decisions, {r['texts_differ']} texts differ)")

@@ -53,7 +53,8 @@ Qwen1.5-MoE-A2.7B on one 80 GB GPU), ``--ours-adam``, ``--peer-precision``, ``--
 ``--record`` appends one row to benchmarks/RESULTS.md (``--record-to`` another file). ``--dry-run`` runs on
 the CPU (CUDA hidden) in fp32 with the tiny preset (qwen2_tiny, or qwen2_moe_tiny for an MoE ``--model``),
 seq <= 128, 3 steps (1 warm-up), and the peer: a plumbing check (MFU n/a), whose step-0 losses of the two
-sides agree to ~1e-6 (same weights, same batch, fp32). See benchmarks/README.md for the GPU procedure.
+sides agree to ~1e-6 (same weights, same batch, fp32; dense: all 3 steps, i.e. the same optimizer too).
+See benchmarks/README.md for the GPU procedure.
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def compose_job(args: argparse.Namespace, *, bf16: bool):
         f"trainer.steps={args.warmup + args.steps + 1}",
         f"trainer.seed={args.seed}",
         "trainer.wandb.mode=disabled",
-        "optim.warmup_steps=0",  # both sides step at the same constant-ish lr from step 1
+        # No warm-up, and a decay so long that the LR stays at its peak: the peer uses a constant LR.
+        "optim.warmup_steps=0", "optim.decay_steps=1000000000",
     ]
     with initialize_config_module(config_module="conf", version_base=None):
         cfg = compose("config", overrides=overrides)
@@ -421,15 +423,12 @@ def _diff(after: dict, before: dict) -> dict:
 
 def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weights: bool) -> tuple[dict, dict | None]:
     """Build ours as the trainer does, time it, free it. Returns (result, initial weights in HF naming)."""
-    import torch
-
     from pretrain.build import build_train_module
     from pretrain.models.qwen2.hf_adapter import Layout, local_state_dict, to_hf, unwrap_chunk
 
     result: dict = {"name": "ours", "impl": "megatron-core GPTModel + DDP + distributed optimizer",
                     "memory_baseline_gib": _memory_start()}
-    hf_weights = None
-    module = None
+    hf_weights = module = chunk = gpt = inner_opt = step = None
     try:
         with _patched_build(recompute_fields(args.recompute, args.recompute_modules), args.ours_adam == "fused"):
             module = build_train_module(job, job.model.vocab_size, init_weights=False)
@@ -467,7 +466,7 @@ def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weight
             raise
         result.update(error=error, peak_memory_gib=_peak_memory())
     finally:
-        del module
+        module = chunk = gpt = inner_opt = step = None  # noqa: F841 - drop every reference, then free
         _free_memory()
     return result, hf_weights
 
@@ -595,7 +594,7 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
     result: dict = {"name": "peer", "impl": f"transformers {transformers.__version__} "
                     f"{'Qwen2MoeForCausalLM' if moe else 'Qwen2ForCausalLM'} (sdpa; {precision})",
                     "memory_baseline_gib": _memory_start()}
-    model = opt = master = None
+    model = opt = master = params = step = None
     try:
         torch.manual_seed(args.seed)
         with dev:
@@ -663,7 +662,7 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
             raise
         result.update(error=error, peak_memory_gib=_peak_memory())
     finally:
-        del model, opt, master
+        model = opt = master = params = step = None  # noqa: F841
         _free_memory()
     return result
 
@@ -738,8 +737,10 @@ def print_table(doc: dict, out=sys.stdout) -> None:
         if side.get("compile_stats"):
             stats = {k: v for k, v in side["compile_stats"].items() if k != "top_break_reasons"}
             print(f"{side['name']} torch.compile: {stats}", file=out)
-        if side.get("attention_kernels"):
-            print(f"{side['name']} attention ops/kernels: {', '.join(side['attention_kernels'][:6])}", file=out)
+        shown = [k[:80] for k in side.get("attention_kernels", [])
+                 if not k.startswith("autograd::") and not k.endswith("Backward0")]
+        if shown:
+            print(f"{side['name']} attention ops/kernels: {', '.join(shown[:5])}", file=out)
 
 
 def record_row(doc: dict, path: Path = RESULTS_MD) -> None:

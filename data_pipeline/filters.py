@@ -79,9 +79,10 @@ class CachingSpacyTokenizer(SpaCyTokenizer):
     datatrove's tokenizer rebuilds every word's lexeme (Python attribute getters: shape, like_num, ...) in
     every document: most of the Gopher/C4/FineWeb filter and MinHash signature time. Here lexemes and the
     tokenizer's chunk cache persist, and memory stays bounded by starting a fresh spaCy pipeline once the
-    vocabulary holds ``max_lexemes`` entries (~0.5 KB each: ~100 MB). Words are read from the tokenizer alone (the sentencizer, which
-    ``word_tokenize`` ran for nothing, only marks sentence starts). Same tokens, same sentences: neither
-    depends on the lexeme cache (checked on the shipped corpus by benchmarks/bench_data.py).
+    vocabulary holds ``max_lexemes`` entries (~0.5 KB each: ~100 MB). Words are read from the tokenizer
+    alone (the sentencizer, which ``word_tokenize`` ran for nothing, only marks sentence starts). Same
+    tokens, same sentences: neither depends on the lexeme cache (checked on the shipped corpus by
+    benchmarks/bench_data.py).
     """
 
     def __init__(self, language: str, max_lexemes: int = 200_000) -> None:

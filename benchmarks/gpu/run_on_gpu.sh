@@ -127,22 +127,37 @@ esac
 
 # 3. One line per benchmark, for the call's output tail.
 "$PY" - "$OUT/results.jsonl" <<'EOF' | tee -a "$LOG"
-import json, sys
+import json, shlex, sys
 try:
     lines = open(sys.argv[1]).read().splitlines()
 except OSError:
     sys.exit(0)
-print(f"{'model':18s} {'layers':>6s} {'side':5s} {'tok/s':>9s} {'MFU':>6s} {'peak GiB':>8s} {'loss0':>8s}  command")
+
+
+def knobs(command):
+    """The command's options other than the ones every run here sets."""
+    args, out, i = shlex.split(command)[2:], [], 0
+    while i < len(args):
+        if args[i] in ("--model", "--seq-len", "--micro-batch", "--steps", "--warmup", "--layers"):
+            i += 2
+            continue
+        if args[i] != "--dry-run":
+            out.append(args[i])
+        i += 1
+    return " ".join(out) or "(defaults)"
+
+
+print(f"{'model':18s} {'layers':>6s} {'side':5s} {'tok/s':>9s} {'MFU':>6s} {'peak GiB':>8s} {'loss0':>8s}  knobs")
 for doc in map(json.loads, lines):
     c = doc["config"]
     for name, s in doc["results"].items():
         if "error" in s:
-            print(f"{c['model']:18s} {c['layers']:6d} {name:5s} {s['error'][:60]}")
+            print(f"{c['model']:18s} {c['layers']:6d} {name:5s} {s['error'][:60]}  {knobs(doc['command'])}")
             continue
         mfu = f"{s['mfu']:.1%}" if s.get("mfu") is not None else "n/a"
         mem = f"{s['peak_memory_gib']:.1f}" if s.get("peak_memory_gib") is not None else "n/a"
         print(f"{c['model']:18s} {c['layers']:6d} {name:5s} {s['tokens_per_s']:9.0f} {mfu:>6s} {mem:>8s} "
-              f"{s['loss_step0']:8.4f}  {doc['command'].split('bench_throughput.py ')[-1][:90]}")
+              f"{s['loss_step0']:8.4f}  {knobs(doc['command'])}")
     if "ratio_tokens_per_s_ours_over_peer" in doc:
         print(f"{'':18s} {'':6s} ratio ours/peer {doc['ratio_tokens_per_s_ours_over_peer']:.3f}")
 EOF

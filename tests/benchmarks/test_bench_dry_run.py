@@ -66,6 +66,11 @@ def test_both_sides_ran_and_agree_on_step0_loss(dry_runs, name):
     assert peer["weights"] == "same as ours"
     # Same weights, same batch, fp32: the losses before any update are the same computation.
     assert abs(ours["loss_step0"] - peer["loss_step0"]) < 1e-4, (ours["loss_step0"], peer["loss_step0"])
+    if name == "dense":
+        # ...and the same optimizer (lr, betas, eps, weight decay groups, clipping): the same trajectory.
+        # (MoE: the two load-balancing losses differ by design, so only step 0 matches.)
+        assert all(abs(a - b) < 1e-4 for a, b in zip(ours["losses"], peer["losses"])), (ours["losses"],
+                                                                                       peer["losses"])
     assert doc["ratio_tokens_per_s_ours_over_peer"] > 0
     assert doc["flops_per_token"] > 0 and doc["params"]["active"] <= doc["params"]["total"]
     if name == "moe":
