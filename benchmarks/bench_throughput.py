@@ -466,9 +466,48 @@ def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weight
             raise
         result.update(error=error, peak_memory_gib=_peak_memory())
     finally:
+        if module is not None:
+            _teardown(module)
         module = chunk = gpt = inner_opt = step = None  # noqa: F841 - drop every reference, then free
+        if args.compile:
+            import torch._dynamo
+
+            torch._dynamo.reset()  # compiled code holds the layers it was traced from
         _free_memory()
+        # Nothing of ours may stay allocated while the peer is measured.
+        from megatron.core.models.gpt import GPTModel
+
+        result["freed"] = not any(isinstance(o, GPTModel) for o in gc.get_objects())
     return result, hf_weights
+
+
+def _teardown(module) -> None:
+    """Make ours collectable before the peer runs (checked: no GPTModel survives ``run_ours``).
+
+    Two reference cycles pass through C++ autograd objects, which Python's gc cannot see, and kept the whole
+    model, its gradient buffer and the optimizer state alive (on the GPU, under the peer's measurement):
+    megatron DDP keeps each parameter's AccumulateGrad node (``grad_accs``) with a hook that refers back to
+    the DDP module; and MoE token dispatchers keep tensors of the last forward (``probs``...) whose graph
+    reaches those nodes.
+    """
+    import torch
+
+    def drop_graph_tensors(obj) -> None:
+        for key, value in list(vars(obj).items()):
+            if torch.is_tensor(value) and value.grad_fn is not None:
+                setattr(obj, key, None)
+
+    for chunk in module.chunks:
+        accs = getattr(chunk, "grad_accs", None)
+        if accs is not None:
+            accs.clear()
+        for sub in chunk.modules():
+            drop_graph_tensors(sub)
+            for value in vars(sub).values():  # helpers that are not modules (token dispatchers)
+                if hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, torch.Tensor, type)):
+                    drop_graph_tensors(value)
+    for name in ("no_sync_func", "grad_scale_func", "finalize_model_grads_func"):
+        setattr(module.config, name, None)
 
 
 def _describe_optimizer(opt) -> str:
@@ -719,6 +758,10 @@ def print_table(doc: dict, out=sys.stdout) -> None:
     print(f"device: {m['device']} (peak bf16 dense: {_fmt(peak and peak / 1e12, '.0f')} TFLOP/s) | "
           f"median of {c['steps']} steps after {c['warmup']} warm-up | flops/token {doc['flops_per_token']:.4g} | "
           f"params {doc['params']['total'] / 1e6:.1f}M ({doc['params']['active'] / 1e6:.1f}M active)", file=out)
+    for side in doc["results"].values():
+        if side.get("freed") is False:
+            print("WARNING: ours' model was still alive while the peer ran (its memory counts in the peer's)",
+                  file=out)
     print(f"{'side':5s} {'tokens/s':>11s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
           f"{'loss[0]':>10s} {'loss[-1]':>10s}  impl", file=out)
     for side in doc["results"].values():

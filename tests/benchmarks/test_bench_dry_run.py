@@ -64,6 +64,7 @@ def test_both_sides_ran_and_agree_on_step0_loss(dry_runs, name):
         # Both sides went through torch SDPA (the op the GPU dispatches to flash/cuDNN kernels).
         assert any("scaled_dot_product" in k for k in side["attention_kernels"]), side["attention_kernels"]
     assert peer["weights"] == "same as ours"
+    assert ours["freed"]  # torn down before the peer ran: on the GPU its memory would count in the peer's
     # Same weights, same batch, fp32: the losses before any update are the same computation.
     assert abs(ours["loss_step0"] - peer["loss_step0"]) < 1e-4, (ours["loss_step0"], peer["loss_step0"])
     if name == "dense":
@@ -85,6 +86,7 @@ def test_bf16_code_path(dry_runs):
     assert ours["config"]["bf16"] and ours["config"]["params_dtype"] == "torch.bfloat16"
     for side in (ours, peer):
         assert math.isfinite(side["tokens_per_s"]) and side["tokens_per_s"] > 0
+    assert ours["freed"]
     assert abs(ours["loss_step0"] - peer["loss_step0"]) < 1e-2
 
 
