@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from common.errors import QwenPretrainError
 from parallel.deepspeed import apply_deepspeed, build_adamw, gathered_parameters
 from parallel.mesh import device
-from pretrain.config import OptimConfig
+from pretrain.optim import build_scheduler
 from pretrain.train_module import StepResult
 
 
@@ -39,24 +39,6 @@ class _NoCheckpointOptimizer:
 
     def __getattr__(self, name):
         raise DeepSpeedCheckpointError(_NO_CHECKPOINT.format(zero=self.zero))
-
-
-def build_scheduler(optim: OptimConfig, optimizer, *, total_steps: int) -> OptimizerParamScheduler:
-    """Warm-up + cosine to ``min_lr_ratio``, as ``pretrain.optim.build_optimizer`` builds it for megatron."""
-    decay_steps = optim.decay_steps or total_steps
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=optim.lr,
-        min_lr=optim.lr * optim.min_lr_ratio,
-        lr_warmup_steps=optim.warmup_steps,
-        lr_decay_steps=max(decay_steps, optim.warmup_steps + 1),
-        lr_decay_style="cosine",
-        start_wd=optim.weight_decay,
-        end_wd=optim.weight_decay,
-        wd_incr_steps=max(decay_steps, 1),
-        wd_incr_style="constant",
-    )
 
 
 class DeepSpeedTrainModule:

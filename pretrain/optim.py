@@ -25,8 +25,13 @@ def build_optimizer(
         use_distributed_optimizer=zero == 1,
     )
     optimizer = get_megatron_optimizer(config, chunks)
+    return optimizer, build_scheduler(optim, optimizer, total_steps=total_steps)
+
+
+def build_scheduler(optim: OptimConfig, optimizer, *, total_steps: int) -> OptimizerParamScheduler:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak; constant weight decay."""
     decay_steps = optim.decay_steps or total_steps
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=optim.lr,
@@ -39,4 +44,3 @@ def build_optimizer(
         wd_incr_steps=max(decay_steps, 1),
         wd_incr_style="constant",
     )
-    return optimizer, scheduler
