@@ -29,7 +29,8 @@
    tokenizer; signatures must be byte-identical.
 
 Filters and MinHash always run on the corpus once (``--docs`` first documents): repeated copies would be
-exact duplicates for MinHash and would pre-warm the caching tokenizer. Times are medians over ``--runs``.
+exact duplicates for MinHash and would pre-warm the caching tokenizer. Times are medians over ``--runs``;
+within a run the three tokenizers and the filter chains take turns, so the machine's load hits them alike.
 """
 from __future__ import annotations
 
@@ -152,15 +153,16 @@ def read_megatron_shard(prefix: Path) -> list[list[int]]:
     return [tokens[e - n:e].tolist() for n, e in zip(lengths.tolist(), ends.tolist())]
 
 
-def bench_stage(cfg_root: Path, tokenizer_json: Path, records: list[dict], workers: int, runs: int) -> dict:
-    """(a): the pipeline's own tokenize stage, 2 tasks on ``workers`` processes."""
+def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], workers: int):
+    """(a): the pipeline's own tokenize stage, 2 tasks on ``workers`` processes. Returns run() -> one result."""
     from data_pipeline.config import DataPipelineConfig, ExecutorConfig, TokenizerConfig
     from data_pipeline.pipeline import Layout, build_executors, build_stages
 
-    tasks = 2
-    walls, steadies, tokens, ids = [], [], 0, None
-    for run in range(runs):
-        root = cfg_root / f"stage_run{run}"
+    tasks, count = 2, [0]
+
+    def run() -> dict:
+        root = cfg_root / f"stage_run{count[0]}"
+        count[0] += 1
         cfg = DataPipelineConfig(tokenizer=TokenizerConfig(source="qwen2"), progress=False,
                                  executor=ExecutorConfig(tasks=tasks, workers=workers), output_dir=str(root))
         layout = Layout(root)
@@ -170,40 +172,38 @@ def bench_stage(cfg_root: Path, tokenizer_json: Path, records: list[dict], worke
         (executor,) = build_executors(cfg, [stage], layout)
         t0 = time.perf_counter()
         executor.run()
-        walls.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
         busiest, run_tokens = 0.0, 0
         for task in range(tasks):
             steps = json.loads((layout.logs("tokenize") / "stats" / f"{task:05d}.json").read_text())
             busiest = max(busiest, sum(s["time_stats"]["total"] for s in steps))
             run_tokens += sum(s["stats"].get("tokens", {}).get("total", 0) for s in steps)
-        steadies.append(busiest)
-        docs = [d for task in range(tasks) if Path(f"{layout.shards}/{task:05d}_tokens.idx").exists()
-                for d in read_megatron_shard(layout.shards / f"{task:05d}_tokens")]
-        if ids is None:
-            ids, tokens = docs, sum(len(d) for d in docs)
-            assert run_tokens == tokens, (run_tokens, tokens)
+        ids = [d for task in range(tasks) if Path(f"{layout.shards}/{task:05d}_tokens.idx").exists()
+               for d in read_megatron_shard(layout.shards / f"{task:05d}_tokens")]
+        assert run_tokens == sum(map(len, ids)), (run_tokens, sum(map(len, ids)))
         shutil.rmtree(root)
-    return {"wall_s": median(walls), "steady_s": median(steadies), "wall_s_all": walls, "steady_s_all": steadies,
-            "tokens": tokens, "ids": ids}
+        return {"wall_s": wall, "steady_s": busiest, "ids": ids}
+
+    return run
 
 
-def bench_hf(tokenizer_json: Path, texts: list[str], runs: int, batch: int = 1000) -> dict:
-    """(b): plain ``tokenizers`` encode_batch on the same tokenizer.json."""
+def hf_runner(tokenizer_json: Path, texts: list[str], batch: int = 1000):
+    """(b): plain ``tokenizers`` encode_batch on the same tokenizer.json. Returns (load seconds, run())."""
     from tokenizers import Tokenizer
 
     t0 = time.perf_counter()
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.encode_special_tokens = True  # as the shard writer: a literal control token is plain text
     load = time.perf_counter() - t0
-    times, ids = [], None
-    for _ in range(runs):
+
+    def run() -> dict:
         out = []
         t0 = time.perf_counter()
         for i in range(0, len(texts), batch):
             out.extend(e.ids for e in tok.encode_batch(texts[i:i + batch]))
-        times.append(time.perf_counter() - t0)
-        ids = ids or out
-    return {"wall_s": median(times), "wall_s_all": times, "load_s": load, "tokens": sum(map(len, ids)), "ids": ids}
+        return {"wall_s": time.perf_counter() - t0, "ids": out}
+
+    return load, run
 
 
 def write_bpe_qwen_files(tokenizer_json: Path, folder: Path) -> None:
@@ -217,26 +217,25 @@ def write_bpe_qwen_files(tokenizer_json: Path, folder: Path) -> None:
             f.write((" ".join(m) if isinstance(m, list) else m) + "\n")
 
 
-def bench_bpe_qwen(tokenizer_json: Path, work: Path, texts: list[str], runs: int) -> dict:
-    """(c): bpe-qwen, from local files only."""
+def bpe_qwen_runner(tokenizer_json: Path, work: Path, texts: list[str]):
+    """(c): bpe-qwen, from local files only. Returns (load seconds, version, run()), or a reason it is skipped."""
     try:
         import bpe_qwen
     except ImportError as exc:
-        return {"skipped": f"not installed ({exc})"}
+        return f"not installed ({exc})"
     folder = work / "bpe_qwen"
     write_bpe_qwen_files(tokenizer_json, folder)
     t0 = time.perf_counter()
     tok = bpe_qwen.QwenTokenizer(str(folder))
     load = time.perf_counter() - t0
     threads = os.cpu_count() or 1
-    times, ids = [], None
-    for _ in range(runs):
+
+    def run() -> dict:
         t0 = time.perf_counter()
         out = tok.encode_batch_parallel(texts, threads)
-        times.append(time.perf_counter() - t0)
-        ids = ids or [list(x) for x in out]
-    return {"wall_s": median(times), "wall_s_all": times, "load_s": load, "tokens": sum(map(len, ids)), "ids": ids,
-            "version": getattr(bpe_qwen, "__version__", None) or _dist_version("bpe-qwen")}
+        return {"wall_s": time.perf_counter() - t0, "ids": [list(x) for x in out]}
+
+    return load, getattr(bpe_qwen, "__version__", None) or _dist_version("bpe-qwen"), run
 
 
 def _dist_version(name: str) -> str | None:
@@ -285,14 +284,32 @@ def bench_tokenize(args, records: list[dict], work: Path) -> dict:
     eos = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     eos_id = next(t["id"] for t in eos["added_tokens"] if t["content"] == "<|endoftext|>")
 
-    log(f"tokenize: (b) HF encode_batch on {len(texts)} docs, {n_bytes / 1e6:.2f} MB")
-    hf = bench_hf(tokenizer_json, texts, args.runs)
-    log("tokenize: (a) the pipeline's tokenize stage")
-    stage = bench_stage(work, tokenizer_json, rep, args.workers, args.runs)
-    bq = {"skipped": "--no-bpe-qwen"} if args.no_bpe_qwen else None
-    if bq is None:
-        log("tokenize: (c) bpe-qwen")
-        bq = bench_bpe_qwen(tokenizer_json, work, texts, args.runs)
+    log(f"tokenize: {len(texts)} docs, {n_bytes / 1e6:.2f} MB; loading (b) HF and (c) bpe-qwen")
+    hf_load, hf_run = hf_runner(tokenizer_json, texts)
+    stage_run = stage_runner(work, tokenizer_json, rep, args.workers)
+    bq = "--no-bpe-qwen" if args.no_bpe_qwen else bpe_qwen_runner(tokenizer_json, work, texts)
+    runners = {"b": hf_run, "a": stage_run}
+    if not isinstance(bq, str):
+        runners["c"] = bq[2]
+    results: dict[str, list[dict]] = {k: [] for k in runners}
+    ids: dict[str, list] = {}
+    for run in range(args.runs):  # interleaved, so that the load of the machine hits every method alike
+        for key, fn in runners.items():
+            r = fn()
+            ids.setdefault(key, r.pop("ids"))
+            results[key].append(r)
+            log(f"tokenize run {run + 1}/{args.runs}: ({key}) {r['wall_s']:.2f}s")
+    walls = {k: [r["wall_s"] for r in v] for k, v in results.items()}
+    stage = {"tokens": sum(map(len, ids["a"])), "ids": ids["a"], "wall_s": median(walls["a"]),
+             "wall_s_all": walls["a"], "steady_s_all": [r["steady_s"] for r in results["a"]]}
+    stage["steady_s"] = median(stage["steady_s_all"])
+    hf = {"tokens": sum(map(len, ids["b"])), "ids": ids["b"], "wall_s": median(walls["b"]), "wall_s_all": walls["b"],
+          "load_s": hf_load}
+    if isinstance(bq, str):
+        bq = {"skipped": bq}
+    else:
+        bq = {"tokens": sum(map(len, ids["c"])), "ids": ids["c"], "wall_s": median(walls["c"]),
+              "wall_s_all": walls["c"], "load_s": bq[0], "version": bq[1]}
 
     rows = {
         "a_pipeline_stage": {"what": f"this project's tokenize stage ({args.workers} workers, 2 tasks)",
