@@ -264,6 +264,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+
+def _measure(step, args, result: dict, counters_before) -> None:
+    """Time ``step`` (warm-up excluded) and fill ``result``: the same measurement for ours and the peer."""
+    with _sdpa_backend(args.sdpa_backend):
+        losses, times = _timed_steps(step, args.warmup, args.steps)
+        if args.compile:
+            result["compile_stats"] = _diff(_compile_counters(), counters_before)
+        result.update(_figures(times, args), losses=losses, loss_step0=losses[0], peak_memory_gib=_peak_memory())
+        if not args.no_profile:
+            result["attention_kernels"] = _profiled_attention_ops(step)
+
 def _timed_steps(step, n_warmup: int, n_steps: int) -> tuple[list[float], list[float]]:
     """Run ``step()`` (returns the loss) warm-up + measured times; (losses of every step, measured seconds)."""
     losses, times = [], []
@@ -452,14 +463,7 @@ def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weight
         def step() -> float:
             return module.train_batch(batch).loss
 
-        with _sdpa_backend(args.sdpa_backend):
-            losses, times = _timed_steps(step, args.warmup, args.steps)
-            if args.compile:
-                result["compile_stats"] = _diff(_compile_counters(), counters_before)
-            result.update(_figures(times, args), losses=losses, loss_step0=losses[0],
-                          peak_memory_gib=_peak_memory())
-            if not args.no_profile:
-                result["attention_kernels"] = _profiled_attention_ops(step)
+        _measure(step, args, result, counters_before)
     except Exception as exc:  # noqa: BLE001 - record OOM and carry on
         error = _recorded_error(exc)
         if error is None:
@@ -687,14 +691,7 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
             return float(ce_total)
 
         counters_before = _compile_counters() if args.compile else None
-        with _sdpa_backend(args.sdpa_backend):
-            losses, times = _timed_steps(step, args.warmup, args.steps)
-            if args.compile:
-                result["compile_stats"] = _diff(_compile_counters(), counters_before)
-            result.update(_figures(times, args), losses=losses, loss_step0=losses[0],
-                          peak_memory_gib=_peak_memory())
-            if not args.no_profile:
-                result["attention_kernels"] = _profiled_attention_ops(step)
+        _measure(step, args, result, counters_before)
     except Exception as exc:  # noqa: BLE001 - record OOM and carry on
         error = _recorded_error(exc)
         if error is None:
