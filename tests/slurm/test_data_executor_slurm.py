@@ -1,8 +1,7 @@
-"""The same stages through datatrove's SlurmPipelineExecutor, on a real (local) Slurm cluster if one is up."""
+"""The data stages through datatrove's SlurmPipelineExecutor, on the real local Slurm cluster (conftest.py)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 
@@ -16,15 +15,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 
 def default_partition() -> str:
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        pytest.skip("Slurm is not installed")
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10).stdout
-    except subprocess.TimeoutExpired:
-        pytest.skip("no Slurm controller answers (start one with slurm/cluster/up.sh)")
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30).stdout
     partitions = [p for p in out.split() if p]
-    if not partitions:
-        pytest.skip("no Slurm controller answers (start one with slurm/cluster/up.sh)")
+    assert partitions, "the Slurm cluster reports no partition"
     return next((p.rstrip("*") for p in partitions if p.endswith("*")), partitions[0])
 
 
@@ -35,7 +28,7 @@ def queued(job_ids: list[str]) -> list[str]:
     return sorted(set(out.split()) & set(job_ids))
 
 
-def test_slurm_executor_runs_the_stages_as_dependent_jobs(tmp_path):
+def test_slurm_executor_runs_the_stages_as_dependent_jobs(slurm_cluster, tmp_path):
     partition = default_partition()
     write_corpus(tmp_path / "in.jsonl", good=12, exact_dups=2)
     cfg = small_config([tmp_path / "in.jsonl"], tmp_path / "out", vocab_size=400,
