@@ -10,9 +10,9 @@ What is measured, in one process, one side after the other (never both resident 
 * **ours**: ``pretrain.build.build_train_module`` exactly as the trainer builds it for ``parallel=single``:
   megatron-core ``GPTModel`` (local spec, our ``SDPAttention`` or megatron's unfused attention), bf16 via
   ``Float16Module``, megatron DDP (fp32 gradient buffer), distributed optimizer (fp32 main weights, torch
-  AdamW underneath: megatron-core without TransformerEngine/apex builds ``torch.optim.AdamW`` with its
-  defaults, i.e. the foreach kernels; ``--ours-adam fused`` swaps in the fused kernel), grad clipping,
-  LR schedule. One ``TrainModule.train_batch`` call = one timed step (forward, backward, optimizer).
+  AdamW underneath: megatron-core without TransformerEngine/apex builds ``torch.optim.AdamW``; the job's
+  ``optim.fused`` (auto: fused on CUDA) selects the fused kernel, ``--ours-adam unfused`` torch's default
+  foreach kernels), grad clipping, LR schedule. One ``TrainModule.train_batch`` call = one timed step (forward, backward, optimizer).
 * **peer** (``--peer hf``): transformers ``Qwen2ForCausalLM`` / ``Qwen2MoeForCausalLM`` built from the
   same shape (``hf_config_from_model``), holding the SAME initial weights (ours' weights converted with
   ``hf_adapter.to_hf``), ``attn_implementation="sdpa"``, torch fused AdamW (same lr, betas, eps, weight
@@ -48,7 +48,8 @@ Knobs (each recorded in the JSON and the RESULTS.md row): ``--attention sdpa|loc
 (both sides), ``--recompute none|selective|full`` (megatron ``recompute_granularity``; selective recomputes
 ``--recompute-modules``, default core_attn; full = uniform, 1 layer per unit; the HF peer gets gradient
 checkpointing for full, nothing for selective), ``--compile`` (``torch.compile`` per transformer layer of
-both sides; MoE: per attention block), ``--layers N`` (cut the layer count, e.g. for the 14B-parameter
+both sides; MoE: per attention block). Ours takes recompute, compile and the AdamW kernel from the job's
+``trainer.recompute*``, ``trainer.compile`` and ``optim.fused``, exactly as the trainer does; ``--layers N`` (cut the layer count, e.g. for the 14B-parameter
 Qwen1.5-MoE-A2.7B on one 80 GB GPU), ``--ours-adam``, ``--peer-precision``, ``--skip-ours``/``--peer none``.
 ``--record`` appends one row to benchmarks/RESULTS.md (``--record-to`` another file). ``--dry-run`` runs on
 the CPU (CUDA hidden) in fp32 with the tiny preset (qwen2_tiny, or qwen2_moe_tiny for an MoE ``--model``),
@@ -128,8 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute-modules", default="core_attn",
                    help="selective recompute: comma-separated megatron recompute_modules")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer layer (both sides)")
-    p.add_argument("--ours-adam", choices=("default", "fused"), default="default",
-                   help="ours: megatron-core's torch AdamW as built (foreach) or the fused kernel")
+    p.add_argument("--ours-adam", choices=("auto", "fused", "unfused"), default="auto",
+                   help="ours: optim.fused (auto: the fused kernel on CUDA; unfused: torch's default, foreach on "
+                        "CUDA, for-loop on CPU)")
     p.add_argument("--peer", choices=("hf", "none"), default="hf", help="hf: also run the transformers peer")
     p.add_argument("--skip-ours", action="store_true",
                    help="run the peer only (random HF init, no ratio): for peer-only knobs such as --peer-precision")
@@ -187,7 +189,12 @@ def compose_job(args: argparse.Namespace, *, bf16: bool):
         f"trainer.global_batch_size={args.micro_batch * args.microbatches}",
         f"trainer.steps={args.warmup + args.steps + 1}",
         f"trainer.seed={args.seed}",
-        "trainer.wandb.mode=disabled",
+        "trainer.wandb.mode=disabled", "trainer.eval_every=0",
+        # The knobs under test, as the trainer takes them.
+        f"trainer.recompute={args.recompute}",
+        f"trainer.recompute_modules=[{args.recompute_modules}]",
+        f"trainer.compile={str(args.compile).lower()}",
+        f"optim.fused={ {'auto': 'null', 'fused': 'true', 'unfused': 'false'}[args.ours_adam] }",
         # No warm-up, and a decay so long that the LR stays at its peak: the peer uses a constant LR.
         "optim.warmup_steps=0", "optim.decay_steps=1000000000",
     ]
@@ -207,51 +214,6 @@ def compose_job(args: argparse.Namespace, *, bf16: bool):
         job.model = dataclasses.replace(job.model, **changes)
     validate_job(job, world_size=1)
     return job
-
-
-# --------------------------------------------------------------------------------------------------
-# Hooks the benchmark needs that build_train_module has no knob for (see benchmarks/README.md)
-# --------------------------------------------------------------------------------------------------
-def recompute_fields(recompute: str, modules: str) -> dict:
-    if recompute == "none":
-        return {}
-    if recompute == "selective":
-        return dict(recompute_granularity="selective",
-                    recompute_modules=[m for m in modules.split(",") if m])
-    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-
-
-@contextlib.contextmanager
-def _patched_build(recompute: dict, fused_adam: bool):
-    """Build ours with megatron recompute fields and/or the fused AdamW kernel, without touching pretrain/.
-
-    ``pretrain.build.transformer_config`` is wrapped so the TransformerConfig it returns is re-made with the
-    recompute fields (``dataclasses.replace`` re-runs megatron's validation); ``torch.optim.AdamW`` is the
-    class megatron-core instantiates when neither TransformerEngine nor apex is installed.
-    """
-    import torch
-
-    import pretrain.build as build
-
-    original_tc, original_adamw = build.transformer_config, torch.optim.AdamW
-
-    def transformer_config(*a, **kw):
-        config = original_tc(*a, **kw)
-        return dataclasses.replace(config, **recompute) if recompute else config
-
-    class FusedAdamW(original_adamw):
-        def __init__(self, *a, **kw):
-            kw.setdefault("fused", True)
-            super().__init__(*a, **kw)
-
-    build.transformer_config = transformer_config
-    if fused_adam:
-        torch.optim.AdamW = FusedAdamW
-    try:
-        yield
-    finally:
-        build.transformer_config = original_tc
-        torch.optim.AdamW = original_adamw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,47 +332,16 @@ def make_batch(job, args: argparse.Namespace, device) -> list[dict]:
     return batches
 
 
-def _compile_layers(layers, attention_attr: str, moe: bool) -> str:
-    """``torch.compile`` each transformer layer in place (per layer, as torchtitan does); returns the scope.
-
-    MoE: only each layer's attention block. megatron-core's token dispatch is data-dependent (tokens per
-    expert: ``.item()``, ``masked_select``), which breaks the graph and recompiles on every step; the HF peer
-    gets the same scope so the two stay comparable.
-    The recompile limit is raised above the layer count so that no layer silently falls back to eager when
-    a guard differs between layers.
-    """
+def _compile_peer_layers(layers, moe: bool) -> str:
+    """The peer gets the scope ``trainer.compile`` gives ours (``pretrain.models.qwen2.compile.apply_compile``):
+    ``torch.compile`` per decoder layer in place, MoE: per attention block; the same recompile limit."""
     import torch._dynamo.config as dynamo_config
 
     limit = max(dynamo_config.recompile_limit, 2 * len(layers) + 8)
     dynamo_config.recompile_limit = dynamo_config.cache_size_limit = limit
-    _quiet_megatron_warnings_when_compiling()
     for layer in layers:
-        (getattr(layer, attention_attr) if moe else layer).compile()
+        (layer.self_attn if moe else layer).compile()
     return f"{len(layers)} x {'attention block' if moe else 'transformer layer'}"
-
-
-def _quiet_megatron_warnings_when_compiling() -> None:
-    """megatron-core 0.16.1's ``RowParallelLinear.forward`` passes no ``tp_group`` on, so every call runs
-    ``warnings.warn(..., DeprecationWarning)`` in ``megatron.core.utils``: a builtin dynamo cannot trace, i.e.
-    a graph break in every layer. Inside compiled code that warning is skipped (it is a no-op after the
-    first call anyway)."""
-    import types
-
-    import megatron.core.utils as mcore_utils
-    import torch
-
-    if getattr(mcore_utils.warnings, "_bench_shim", False):
-        return
-
-    def warn(*a, **kw):
-        if torch.compiler.is_compiling():
-            return None
-        return warnings.warn(*a, **kw)
-
-    shim = types.ModuleType("warnings")
-    shim.__dict__.update(warnings.__dict__)
-    shim.warn, shim._bench_shim = warn, True
-    mcore_utils.warnings = shim
 
 
 def _compile_counters() -> dict:
@@ -441,8 +372,8 @@ def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weight
                     "memory_baseline_gib": _memory_start()}
     hf_weights = module = chunk = gpt = inner_opt = step = None
     try:
-        with _patched_build(recompute_fields(args.recompute, args.recompute_modules), args.ours_adam == "fused"):
-            module = build_train_module(job, job.model.vocab_size, init_weights=False)
+        # trainer.recompute*, trainer.compile and optim.fused are in the job (compose_job): built as the trainer does.
+        module = build_train_module(job, job.model.vocab_size, init_weights=False)
         (chunk,) = module.chunks
         gpt = unwrap_chunk(chunk)
         inner_opt = getattr(module.optimizer, "optimizer", None)
@@ -456,8 +387,9 @@ def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weight
             sd = {k: v.detach().to("cpu", copy=True) for k, v in local_state_dict(chunk).items()}
             hf_weights = to_hf([(Layout(), sd)], job.model, hf_vocab_size=job.model.vocab_size)
             del sd
-        if args.compile:
-            result["compiled"] = _compile_layers(gpt.decoder.layers, "self_attention", job.model.is_moe)
+        if args.compile:  # compiled lazily: tracing happens in the warm-up steps
+            compiled = sum(getattr(m, "_compiled_call_impl", None) is not None for m in gpt.modules())
+            result["compiled"] = f"{compiled} x {'attention block' if job.model.is_moe else 'transformer layer'}"
         counters_before = _compile_counters() if args.compile else None
 
         def step() -> float:
@@ -517,7 +449,7 @@ def _teardown(module) -> None:
 def _describe_optimizer(opt) -> str:
     if opt is None:
         return "?"
-    d = opt.defaults
+    d = opt.param_groups[0]  # what torch reads at each step (optim.fused sets it per group)
     if d.get("fused"):
         kind = "fused"
     elif d.get("foreach"):
@@ -526,9 +458,7 @@ def _describe_optimizer(opt) -> str:
         kind = "torch default: foreach on CUDA, for-loop on CPU"
     else:
         kind = "for-loop"
-    name = "torch.optim.AdamW subclass with fused=True" if type(opt).__name__ == "FusedAdamW" else (
-        f"{type(opt).__module__}.{type(opt).__name__}")
-    return f"{name} ({kind})"
+    return f"{type(opt).__module__}.{type(opt).__name__} ({kind})"
 
 
 def _figures(times: list[float], args) -> dict:
@@ -653,7 +583,7 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         result["recompute"] = "full (gradient checkpointing)" if args.recompute == "full" else "none"
         if args.compile:
-            result["compiled"] = _compile_layers(model.model.layers, "self_attn", moe)
+            result["compiled"] = _compile_peer_layers(model.model.layers, moe)
         o = job.optim
         params = list(model.parameters())  # tied embedding counted once
 

@@ -13,6 +13,10 @@ class TrainingDivergedError(QwenPretrainError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
+class CheckpointError(QwenPretrainError):
+    """A checkpoint cannot be written or read as asked (the message says which and why)."""
+
+
 def check_choice(field: str, value, choices: tuple) -> None:
     """Raise ConfigError naming ``field`` unless ``value`` is one of ``choices``.
 

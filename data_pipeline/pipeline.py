@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +86,11 @@ class Layout:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer.json"
+
+    @property
+    def bpe_qwen(self) -> Path:
+        """bpe-qwen's vocab.json + merges.txt, written from qwen.tiktoken when that engine runs."""
+        return self.root / "tokenizer_bpe_qwen"
 
     @property
     def manifest(self) -> Path:
@@ -164,10 +170,16 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
             TrainBpeTokenizer(str(layout.tokenizer), vocab_size=tok.vocab_size, special_tokens=tok.special_tokens,
                               min_frequency=tok.min_frequency, show_progress=cfg.progress),
         ], 1))
+    if cfg.executor.kind == "local":  # every core: the tasks that run at once share them
+        threads = max(1, (os.cpu_count() or 1) // min(cfg.executor.workers, tasks))
+    else:
+        threads = cfg.executor.slurm.cpus_per_task
     stages.append(Stage("tokenize", [
         StageOutputReader(str(layout.kept), doc_progress=cfg.progress),
         ShardWriter(str(layout.shards), str(layout.tokenizer), eos_token=tok.eos_token,
-                    parse_special_tokens=tok.parse_special_tokens),
+                    parse_special_tokens=tok.parse_special_tokens, backend=tok.backend, source=tok.source,
+                    special_tokens=tok.special_tokens, tiktoken_path=tok.tiktoken_path,
+                    bpe_qwen_folder=str(layout.bpe_qwen), threads=threads),
     ], tasks))
 
     accounted = [Accounted(stage, str(layout.logs(s.name)), step, reason)
@@ -209,6 +221,7 @@ def _fingerprint(cfg: DataPipelineConfig, inputs: list[str]) -> dict:
     data["input"]["paths"] = inputs
     for key in ("overwrite", "progress", "output_dir"):
         data.pop(key)
+    data["tokenizer"].pop("backend")  # every engine writes the same ids
     data["executor"] = {"tasks": cfg.executor.tasks}
     return json.loads(json.dumps(data))  # as it reads back from disk (int dict keys become strings)
 
@@ -270,6 +283,18 @@ def install_tokenizer(cfg: DataPipelineConfig, layout: Layout) -> None:
         tok = qwen2_tokenizer(path)
         check_special_tokens(tok, tok_cfg.special_tokens, tok_cfg.eos_token, f"the Qwen2 tokenizer from {path}")
         save_atomic(tok, layout.tokenizer)
+    check_backend(tok_cfg)
+
+
+def check_backend(tok_cfg) -> None:
+    """An engine named explicitly must be installed (ConfigError otherwise); log the one 'auto' picks."""
+    from data_pipeline.encoders import available, resolve_backend
+
+    if tok_cfg.backend != "auto":
+        if reason := available(tok_cfg.backend):
+            raise ConfigError(f"data_pipeline.tokenizer.backend={tok_cfg.backend!r} cannot run: {reason}")
+    log.info("data_pipeline.tokenizer.backend=%r: the tokenize stage encodes with %s", tok_cfg.backend,
+             resolve_backend(tok_cfg.backend, tok_cfg.source))
 
 
 @dataclass

@@ -74,7 +74,9 @@ class StageOutputReader(JsonlReader):
     """
 
     def __init__(self, data_folder: str, *, all_tasks: bool = False, doc_progress: bool = False) -> None:
-        super().__init__(data_folder, doc_progress=doc_progress)
+        # The first reader already put the input's path in each document's metadata; datatrove would resolve
+        # this file's path again per document (~90 us each) only to not overwrite it.
+        super().__init__(data_folder, doc_progress=doc_progress, add_file_path=False)
         self.all_tasks = all_tasks
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
+from array import array
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.tokens import MegatronDocumentTokenizer
-from datatrove.utils.tokenization import PipelineStepWithTokenizer
+from datatrove.pipeline.tokens.megatron_tokenizer import MegatronDocumentTokenizer, MegatronTokenizedFile
+from datatrove.utils.batching import batched
 from datatrove.utils.typeshelper import StatHints
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -121,19 +123,89 @@ class TrainBpeTokenizer(PipelineStep):
 
 class ShardWriter(MegatronDocumentTokenizer):
     """datatrove's MegatronDocumentTokenizer (Megatron .bin/.idx per task, EOS appended per document), where a
-    control token written literally inside a document is, by default, tokenized as plain text."""
+    control token written literally inside a document is, by default, tokenized as plain text.
+
+    The ids come from the encoder ``backend`` names (:mod:`data_pipeline.encoders`; 'auto' is resolved here,
+    in the task): every engine yields tokenizer.json's ids, so the shards are byte-identical whichever runs.
+    A batch is written with one ``write`` (datatrove writes one numpy array per document).
+    """
 
     def __init__(self, output_folder: str, tokenizer_path: str, *, eos_token: str, parse_special_tokens: bool,
-                 batch_size: int = 1000) -> None:
+                 batch_size: int = 1000, backend: str = "hf", source: str = "train",
+                 special_tokens: list[str] = (), tiktoken_path: str | None = None,
+                 bpe_qwen_folder: str | None = None, threads: int = 1) -> None:
         super().__init__(output_folder, save_filename=None, tokenizer_name_or_path=tokenizer_path,
                          eos_token=eos_token, batch_size=batch_size)
         self.parse_special_tokens = parse_special_tokens
+        self.backend = backend
+        self.source = source
+        self.special_tokens = list(special_tokens) or [eos_token]
+        self.tiktoken_path = tiktoken_path
+        self.bpe_qwen_folder = bpe_qwen_folder
+        self.threads = threads
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        tok = PipelineStepWithTokenizer.tokenizer.func(self)
+        """tokenizer.json as the hf engine runs it (no EOS template: the writer appends the EOS)."""
+        tok = Tokenizer.from_file(self.tokenizer_name_or_path)
         tok.encode_special_tokens = not self.parse_special_tokens
         return tok
+
+    @cached_property
+    def encoder(self):
+        from datatrove.utils.logging import logger
+
+        from data_pipeline.encoders import (
+            HFEncoder,
+            build_encoder,
+            documents_per_engine,
+            resolve_backend,
+        )
+
+        backend = resolve_backend(self.backend, self.source)
+        tiktoken_path = self.tiktoken_path
+        if backend != "hf" and tiktoken_path is None:
+            from data_pipeline.qwen_vocab import find_qwen_tiktoken
+
+            tiktoken_path = find_qwen_tiktoken()
+        t0 = time.perf_counter()
+        encoder = build_encoder(backend, tokenizer_path=self.tokenizer_name_or_path, threads=self.threads,
+                                parse_special_tokens=self.parse_special_tokens, specials=self.special_tokens,
+                                tiktoken_path=tiktoken_path, bpe_qwen_folder=self.bpe_qwen_folder,
+                                hf=HFEncoder(self.tokenizer))
+        load = time.perf_counter() - t0
+        self.stat_update("encoder_load_s", value=load, unit="task")
+        chain = " -> ".join(documents_per_engine(encoder))
+        logger.info(f"tokenize: encoder {chain} (data_pipeline.tokenizer.backend={self.backend!r}; the "
+                    f"documents an engine does not take go to the next), loaded in {load:.1f} s")
+        return encoder
+
+    def write_tokens(self, data: DocumentsPipeline, filename: str) -> MegatronTokenizedFile:
+        from data_pipeline.encoders import documents_per_engine
+
+        out = MegatronTokenizedFile(self.output_folder, filename, upload_block_size=self.upload_block_size,
+                                    token_size=self.token_size)
+        eos = self.tokenizer.token_to_id(self.eos_token)
+        encoder = self.encoder  # loaded before the clock runs, like datatrove's tokenizer
+        typecode = "i" if self.token_size == 4 else "H"  # native little-endian int32 / uint16, as numpy writes
+        for batch in batched(data, self.batch_size):
+            with self.track_time(unit="batch"):
+                ids = encoder.encode_batch([doc.text for doc in batch])
+                buf, lengths = array(typecode), []
+                for doc_ids in ids:
+                    buf.extend(doc_ids)
+                    buf.append(eos)
+                    lengths.append(len(doc_ids) + 1)
+                out.bin_file.write(buf.tobytes())
+                done = len(out.sequence_lengths)
+                out.sequence_lengths.extend(lengths)
+                out.document_indices.extend(range(done + 1, done + len(lengths) + 1))
+                for n in lengths:
+                    self.stat_update("tokens", value=n)
+        for name, docs in documents_per_engine(encoder).items():
+            self.stat_update(f"documents_{name}", value=docs, unit="task")
+        out.close()
+        return out
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         def counted():

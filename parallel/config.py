@@ -15,6 +15,9 @@ class ParallelConfig:
     """Shard activations outside attention/MLP along the sequence over the tensor-parallel group (needs tp > 1)."""
     pp: int = 1
     """Pipeline-parallel degree: the layers are split into this many stages."""
+    cp: int = 1
+    """Context-parallel degree: each sequence is split into 2 × cp chunks, rank r of the group holding chunks
+    r and 2cp-1-r (balanced causal work); attention all-gathers keys/values over the group (long sequences)."""
     vpp: int = 1
     """Virtual pipeline stages per rank (> 1 selects the interleaved 1F1B schedule)."""
     ep: int = 1
@@ -22,7 +25,7 @@ class ParallelConfig:
     etp: int | None = None
     """Expert tensor-parallel degree; None means the same as tp."""
     dp: int = -1
-    """Data-parallel degree; -1 means whatever is left of the world size after tp × pp."""
+    """Data-parallel degree; -1 means whatever is left of the world size after tp × pp × cp."""
     zero: int = 1
     """ZeRO stage: 0 = plain DDP, 1 = megatron-core distributed optimizer, 2/3 = DeepSpeed."""
     moe_dispatcher: str = "alltoall"
@@ -33,7 +36,7 @@ class ParallelConfig:
     """ZeRO-Offload: keep the fp32 master weights and Adam moments in CPU memory and step there (zero 2/3 only)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "vpp", "ep"):
+        for name in ("tp", "pp", "cp", "vpp", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"parallel.{name} must be an integer >= 1, got {value!r}")
@@ -47,11 +50,13 @@ class ParallelConfig:
             raise ConfigError(f"parallel.vpp={self.vpp} needs parallel.pp > 1 (virtual stages interleave a pipeline)")
         check_choice("parallel.zero", self.zero, (0, 1, 2, 3))
         check_choice("parallel.moe_dispatcher", self.moe_dispatcher, ("alltoall", "allgather"))
-        if self.zero in (2, 3) and (self.tp > 1 or self.pp > 1 or self.ep > 1):
+        if self.zero in (2, 3) and (self.tp > 1 or self.pp > 1 or self.ep > 1 or self.cp > 1):
+            # DeepSpeed would average gradients over every rank as data-parallel replicas; cp ranks hold
+            # parts of the same sequences and their gradients must be summed over megatron's dp × cp group.
             raise ConfigError(
                 f"parallel.zero={self.zero} runs through DeepSpeed, which serves data-parallel layouts only; "
-                f"got tp={self.tp}, pp={self.pp}, ep={self.ep}. Use parallel.zero=1 (megatron-core's distributed "
-                "optimizer) with tensor/pipeline/expert parallelism."
+                f"got tp={self.tp}, pp={self.pp}, ep={self.ep}, cp={self.cp}. Use parallel.zero=1 (megatron-core's "
+                "distributed optimizer) with tensor/pipeline/expert/context parallelism."
             )
         if self.offload_optimizer and self.zero not in (2, 3):
             raise ConfigError(
@@ -61,29 +66,35 @@ class ParallelConfig:
 
     @property
     def model_parallel_size(self) -> int:
-        return self.tp * self.pp
+        """Ranks that share one data-parallel replica: tp × pp × cp (megatron-core's ``model_size``)."""
+        return self.tp * self.pp * self.cp
+
+    def _degrees(self) -> tuple[str, str]:
+        """The non-data degrees as "parallel.tp × parallel.pp" and "2 × 1" (cp named only when used)."""
+        names, values = ["tp", "pp"] + (["cp"] if self.cp > 1 else []), [self.tp, self.pp, self.cp]
+        return " × ".join(f"parallel.{n}" for n in names), " × ".join(str(v) for v in values[: len(names)])
 
     @property
     def local_world_size(self) -> int:
-        """Processes a bare local launch starts: tp × pp × dp, with dp=-1 meaning the smallest that
-        holds the expert-parallel groups (megatron-core spreads experts over tp × dp ranks)."""
+        """Processes a bare local launch starts: tp × pp × cp × dp, with dp=-1 meaning the smallest that
+        holds the expert-parallel groups (megatron-core spreads experts over tp × cp × dp ranks)."""
         dp = self.dp
         if dp == -1:
             experts = self.ep * (self.etp or self.tp)
-            dp = experts // math.gcd(self.tp, experts)
+            dp = experts // math.gcd(self.tp * self.cp, experts)
         return self.model_parallel_size * dp
 
     def resolve_dp(self, world_size: int) -> int:
         """The data-parallel degree for ``world_size`` processes, or a ConfigError naming the mismatch."""
+        names, values = self._degrees()
         if world_size % self.model_parallel_size:
             raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tp × parallel.pp = "
-                f"{self.tp} × {self.pp} = {self.model_parallel_size}"
+                f"world size {world_size} is not divisible by {names} = {values} = {self.model_parallel_size}"
             )
         dp = world_size // self.model_parallel_size
         if self.dp != -1 and self.dp != dp:
             raise ConfigError(
-                f"parallel.tp × parallel.pp × parallel.dp = {self.tp} × {self.pp} × {self.dp} = "
+                f"{names} × parallel.dp = {values} × {self.dp} = "
                 f"{self.model_parallel_size * self.dp} processes, but the world size is {world_size}; "
                 f"launch {self.model_parallel_size * self.dp} processes (torchrun --nproc-per-node ...) "
                 "or set parallel.dp=-1"
@@ -115,19 +126,29 @@ class ParallelConfig:
         if num_layers % stages:
             what = f"parallel.pp × parallel.vpp = {self.pp} × {self.vpp}" if self.vpp > 1 else f"parallel.pp={self.pp}"
             raise ConfigError(f"{what} does not divide the model's {num_layers} layers")
-        if self.sequence_parallel and seq_len % self.tp:
-            raise ConfigError(f"sequence length {seq_len} is not divisible by parallel.tp={self.tp} (sequence parallel)")
+        if self.cp > 1 and seq_len % (2 * self.cp):
+            raise ConfigError(
+                f"sequence length {seq_len} is not divisible by 2 × parallel.cp = {2 * self.cp} (context parallel "
+                "splits each sequence into 2 × cp equal chunks)"
+            )
+        # Sequence parallel splits what each context-parallel rank holds (seq_len / cp) over tp.
+        if self.sequence_parallel and (seq_len // self.cp) % self.tp:
+            what = f"sequence length {seq_len}"
+            if self.cp > 1:
+                what = f"sequence length / parallel.cp = {seq_len} / {self.cp}"
+            raise ConfigError(f"{what} is not divisible by parallel.tp={self.tp} (sequence parallel)")
         if self.ep > 1:
             if not num_experts:
                 raise ConfigError(f"parallel.ep={self.ep} needs a MoE model; this model has no experts")
             if num_experts % self.ep:
                 raise ConfigError(f"parallel.ep={self.ep} does not divide the model's {num_experts} experts")
             etp = self.etp or self.tp
-            # megatron-core folds expert parallelism into the data-parallel ranks of each stage.
-            if (self.tp * dp) % (self.ep * etp):
+            # megatron-core folds expert parallelism into the tp × cp × dp ranks of each stage.
+            if (self.tp * self.cp * dp) % (self.ep * etp):
+                cp_names, cp_values = (" × parallel.cp", f" × {self.cp}") if self.cp > 1 else ("", "")
                 raise ConfigError(
-                    f"parallel.ep × expert tp = {self.ep} × {etp} must divide parallel.tp × dp = "
-                    f"{self.tp} × {dp} (experts are spread over the data-parallel ranks)"
+                    f"parallel.ep × expert tp = {self.ep} × {etp} must divide parallel.tp{cp_names} × dp = "
+                    f"{self.tp}{cp_values} × {dp} (experts are spread over the data-parallel ranks)"
                 )
         if self.zero in (2, 3) and dp < 2:
             raise ConfigError(f"parallel.zero={self.zero} shards over data-parallel ranks; it needs dp >= 2, got dp={dp}")
@@ -135,6 +156,8 @@ class ParallelConfig:
 
     def describe(self, dp: int) -> str:
         parts = [f"tp={self.tp}{'+sp' if self.sequence_parallel else ''}", f"pp={self.pp}"]
+        if self.cp > 1:
+            parts.append(f"cp={self.cp}")
         if self.vpp > 1:
             parts.append(f"vpp={self.vpp}")
         if self.ep > 1:

@@ -13,7 +13,8 @@ megatron-core's own code paths untouched. Without CUDA it patches megatron-core,
 2. A few megatron-core functions, patched by name (see ``_patch_functions``): the CUDA RNG tracker,
    the MoE split-size helper, ``Tensor.type()`` string checks in the optimizers, ``.cuda()`` calls
    on the paths a trainer takes (tied embeddings with PP, TP batch broadcast, distributed-optimizer
-   checkpoint state), and a guard against the gloo batched-p2p mismatch of interleaved pipelines.
+   checkpoint state, RoPE's per-context-parallel-rank slice), and a guard against the gloo
+   batched-p2p mismatch of interleaved pipelines.
 
 One fix is not about CUDA and is applied on GPU too: MoE routing raises ``NameError`` without
 TransformerEngine (``_define_missing_te_names``).
@@ -266,6 +267,16 @@ def _maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
     return tensor
 
 
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    # rope_utils.get_pos_emb_on_this_cp_rank with its index built where ``pos_emb`` lives: the original
+    # pins host memory and calls ``.cuda()``, both of which raise without CUDA. Same chunks: r, 2cp-1-r.
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, index)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
 def _rng_state(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
@@ -312,6 +323,7 @@ def _replace_everywhere(original: Callable, replacement: Callable) -> None:
 
 
 def _patch_functions() -> None:
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding  # noqa: F401
     from megatron.core.models.common.language_module import language_module
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import p2p_communication
@@ -328,6 +340,9 @@ def _patch_functions() -> None:
     # ``torch.manual_seed`` (Megatron-LM: seed + 100 * pp_rank), so that one call becomes a no-op.
     # The tracker's own states are still seeded (``CudaRNGStatesTracker.add`` is not rewritten).
     _rewrite_code(tp_random.model_parallel_cuda_manual_seed, names={"manual_seed": "keep_default_generator"})
+
+    # Context parallel: RoPE keeps this cp rank's 2 chunks of the frequencies (pinned memory + .cuda()).
+    _replace_everywhere(rope_utils.get_pos_emb_on_this_cp_rank, _pos_emb_on_this_cp_rank)
 
     # alltoall dispatcher: split sizes must become numpy (see ``_maybe_move_tensor_to_cpu``).
     _replace_everywhere(moe_utils.maybe_move_tensor_to_cpu, _maybe_move_tensor_to_cpu)

@@ -14,6 +14,7 @@ Installing: ``DS_BUILD_OPS=0 pip install deepspeed==0.19.8`` (pure Python; no op
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 
@@ -55,9 +56,11 @@ def adamw_param_groups(model: torch.nn.Module) -> list[dict]:
 
 
 def build_adamw(model: torch.nn.Module, *, lr: float, betas: tuple[float, float], eps: float,
-                weight_decay: float) -> torch.optim.AdamW:
-    """The client optimizer DeepSpeed wraps: torch AdamW (decoupled weight decay), as megatron-core uses on CPU."""
-    return torch.optim.AdamW(adamw_param_groups(model), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
+    """The client optimizer DeepSpeed wraps: torch AdamW (decoupled weight decay), as megatron-core uses on CPU;
+    ``fused``: torch's fused kernel (DeepSpeed steps it on the fp32 partitions, on their device)."""
+    return torch.optim.AdamW(adamw_param_groups(model), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             **({"fused": True} if fused else {}))
 
 
 def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, bf16: bool, clip_grad: float,
@@ -138,11 +141,43 @@ def apply_deepspeed(
     return engine
 
 
+def _checkpoint_types() -> list[type]:
+    """The non-tensor classes DeepSpeed 0.19.8 pickles into its checkpoint files (measured for ZeRO-2/3,
+    fp32/bf16, with and without optimizer offload): the stage enum, the optimizer's static loss scaler,
+    and the fragment addresses of its parameter mapping."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within it, ``torch.load`` unpickles only tensors, plain containers and DeepSpeed's checkpoint types.
+
+    DeepSpeed's readers (``engine.load_checkpoint``, ``zero_to_fp32``) pass ``weights_only=False``, which
+    lets a tampered checkpoint run code; the project loads nothing that way. Not thread-safe: it swaps
+    ``torch.load`` for the duration (DeepSpeed looks it up at each call).
+    """
+    _import_deepspeed()
+    allowed, real_load = _checkpoint_types(), torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return real_load(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
 def gathered_parameters(engine):
     """Context manager: within it, every ZeRO-3 parameter of ``engine.module`` is whole on every rank
     (a no-op context for ZeRO-2, whose parameters are always whole)."""
-    import contextlib
-
     if engine.zero_optimization_stage() != 3:
         return contextlib.nullcontext()
     deepspeed = _import_deepspeed()

@@ -39,9 +39,13 @@ class Mesh:
     vpp: int
     ep: int
     dp: int
+    """Pure data-parallel degree: replicas that read different samples (context-parallel ranks not counted)."""
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp: int = 1
+    """Context-parallel degree: ranks of one replica that read the same samples and keep 2 of 2 × cp chunks each."""
+    cp_rank: int = 0
 
     @property
     def is_logging_rank(self) -> bool:
@@ -50,9 +54,10 @@ class Mesh:
     def describe(self) -> str:
         vpp = f" vpp={self.vpp}" if self.vpp > 1 else ""
         ep = f" ep={self.ep}" if self.ep > 1 else ""
+        cp, cp_rank = (f" cp={self.cp}", f" cp_rank={self.cp_rank}") if self.cp > 1 else ("", "")
         return (
-            f"world={self.world_size} tp={self.tp} pp={self.pp}{vpp}{ep} dp={self.dp} "
-            f"(rank {self.rank}: tp_rank={self.tp_rank} pp_rank={self.pp_rank} dp_rank={self.dp_rank})"
+            f"world={self.world_size} tp={self.tp} pp={self.pp}{cp}{vpp}{ep} dp={self.dp} "
+            f"(rank {self.rank}: tp_rank={self.tp_rank} pp_rank={self.pp_rank}{cp_rank} dp_rank={self.dp_rank})"
         )
 
 
@@ -87,6 +92,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int, timeout_minutes: in
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
         virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp or parallel.tp,
@@ -105,10 +111,13 @@ def init_distributed(parallel: ParallelConfig, *, seed: int, timeout_minutes: in
         pp=parallel.pp,
         vpp=parallel.vpp,
         ep=parallel.ep,
-        dp=parallel_state.get_data_parallel_world_size(),
+        # Without context parallel ranks: the cp ranks of one replica must read the same samples.
+        dp=parallel_state.get_data_parallel_world_size(with_context_parallel=False),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=pp_rank,
-        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(with_context_parallel=False),
+        cp=parallel.cp,
+        cp_rank=parallel_state.get_context_parallel_rank(),
     )
     if mesh.is_logging_rank:
         log.info("parallel layout: %s", mesh.describe())

@@ -15,7 +15,9 @@ from pathlib import Path
 # Known, harmless library noise: apex/TransformerEngine absent (torch kernels stand in by design),
 # torch's renamed collectives that megatron-core still calls, a megatron-core config deprecation.
 for _message in (".*(Apex|Transformer Engine).*", ".*reduce_scatter_tensor.*", ".*all_gather_into_tensor.*",
-                 "full scope is deprecated.*", "The .grad attribute of a Tensor that is not a leaf.*"):
+                 "full scope is deprecated.*", "The .grad attribute of a Tensor that is not a leaf.*",
+                 # trainer.recompute_modules=[core_attn]: megatron-core's advice for TransformerEngine users.
+                 "If you are using transformer_engine as the transformer implementation.*"):
     warnings.filterwarnings("ignore", message=_message)
 
 import hydra
@@ -24,7 +26,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, TrainingDivergedError
-from pretrain.config import JobConfig, check_trainable, register_configs, validate_job
+from pretrain.checkpoint import check_run_resumable
+from pretrain.config import JobConfig, register_configs, validate_job
 from pretrain.data import Shards
 
 log = logging.getLogger("pretrain")
@@ -54,8 +57,8 @@ def run(job: JobConfig, run_dir: Path) -> None:
     """Validate, start process groups, train, tear down. Everything a rank does, in order."""
     from parallel.mesh import destroy_distributed, init_distributed, world_size_from_env
 
-    validate_job(job, world_size_from_env())
-    check_trainable(job)
+    dp = validate_job(job, world_size_from_env())
+    check_run_resumable(run_dir / "checkpoints", zero=job.parallel.zero, dp=dp)
     shards = Shards.from_config(job.data)  # a missing data path fails here, before any process group
     mesh = init_distributed(job.parallel, seed=job.trainer.seed)
     try:
@@ -88,8 +91,8 @@ def main(cfg: DictConfig) -> None:
                                f"trainer.run_name={job.trainer.run_name}"]
         nproc = job.parallel.local_world_size
         if "RANK" not in os.environ and nproc > 1:
-            validate_job(job, nproc)  # refuse a bad layout before starting any process
-            check_trainable(job)
+            dp = validate_job(job, nproc)  # refuse a bad layout before starting any process
+            check_run_resumable(run_dir / "checkpoints", zero=job.parallel.zero, dp=dp)
             Shards.from_config(job.data)
             _launch_local(nproc, run_dir, sweep_overrides)
             return

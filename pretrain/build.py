@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from pathlib import Path
 
@@ -28,10 +29,11 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
     ``parallel.zero`` 2/3 hands the (single, tp = pp = 1) chunk to DeepSpeed instead of megatron's
     DDP + optimizer: a ``DeepSpeedTrainModule`` with the same ``train_batch`` contract.
     """
-    p, bf16 = job.parallel, job.trainer.precision == "bf16"
+    p, t, bf16 = job.parallel, job.trainer, job.trainer.precision == "bf16"
     config = transformer_config(
-        job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
-        moe_dispatcher=p.moe_dispatcher, bf16=bf16,
+        job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
+        moe_dispatcher=p.moe_dispatcher, bf16=bf16, recompute=t.recompute, recompute_modules=tuple(t.recompute_modules),
+        recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers,
     )
     # TrainModule's loss is a per-token sum that megatron divides by the global token count; DDP reads
     # this flag when it is built to sum (not average) gradients over dp. Set later, gradients and the
@@ -42,6 +44,10 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
         from pretrain.models.qwen2.convert import init_chunks_from
 
         init_chunks_from(chunks, job.model, job.model.init_from)
+    if t.compile:  # on the bare GPTModels, before any wrapper (compilation itself happens at the first step)
+        from pretrain.models.qwen2.compile import apply_compile
+
+        apply_compile(chunks, moe=job.model.is_moe)
     if p.zero in (2, 3):  # DeepSpeed keeps its own bf16 copy and fp32 master partitions: no Float16Module
         from pretrain.deepspeed_module import build_deepspeed_train_module
 
@@ -67,12 +73,16 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
     checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last, async_save=t.async_save)
     # A run that resumes overwrites the weights anyway: skip loading pretrained ones.
     module = build_train_module(job, vocab_size, init_weights=checkpointer.latest() is None)
-    train_set, _ = build_datasets(job.data, shards, seed=t.seed, train_samples=t.steps * t.global_batch_size,
-                                  valid_samples=0, cache_dir=str(run_dir / "data_cache"))
+    valid_samples = t.eval_steps * t.global_batch_size if t.eval_every else 0
+    train_set, valid_set = build_datasets(job.data, shards, seed=t.seed, train_samples=t.steps * t.global_batch_size,
+                                          valid_samples=valid_samples, cache_dir=str(run_dir / "data_cache"))
 
-    def batches_from(step: int):
-        return microbatches(train_set, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+    def batches_from(step: int, dataset=train_set):
+        return microbatches(dataset, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                             dp_rank=mesh.dp_rank, dp_size=mesh.dp, start_step=step)
+
+    def eval_batches():  # the same first eval_steps global batches of the validation set, every time
+        return itertools.islice(batches_from(0, valid_set), t.eval_steps)
 
     if mesh.is_logging_rank:
         from pretrain.models.qwen2.flops import param_count
@@ -82,6 +92,9 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
                  "%d microbatches of %d per step", job.model.name, count.total / 1e6, count.active / 1e6, vocab_size,
                  len(train_set), job.data.seq_len, t.global_batch_size // (t.micro_batch_size * mesh.dp),
                  t.micro_batch_size)
+        if t.eval_every:
+            log.info("validation: %d samples, %d batches of %d every %d steps and at the end", len(valid_set),
+                     t.eval_steps, t.global_batch_size, t.eval_every)
     callbacks = [Throughput(flops_per_token(job.model, job.data.seq_len, vocab_size), mesh.world_size)]
     if mesh.is_logging_rank:
         callbacks += [ConsoleLogger(t.log_every, t.steps), MetricsFile(run_dir, t.plot_loss)]
@@ -92,4 +105,5 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
             ))
     return Trainer(module=module, batches_from=batches_from, checkpointer=checkpointer,
                    callbacks=callbacks, mesh=mesh, steps=t.steps, save_every=t.save_every,
-                   max_bad_steps=t.max_bad_steps, inject_nan_steps=tuple(t.inject_nan_steps))
+                   max_bad_steps=t.max_bad_steps, inject_nan_steps=tuple(t.inject_nan_steps),
+                   eval_batches=eval_batches if t.eval_every else None, eval_every=t.eval_every)

@@ -50,7 +50,8 @@ class Throughput(Callback):
 
     def on_step_end(self, trainer, step, result, metrics) -> None:
         now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
+        # An evaluation ran inside this step's interval: it is not training time.
+        elapsed, self._last = now - self._last - metrics.get("eval/time_s", 0.0), now
         tokens_per_s = result.tokens / max(elapsed, 1e-9)
         metrics["tokens_per_s"] = tokens_per_s
         metrics["step_time_s"] = elapsed
@@ -65,7 +66,7 @@ class ConsoleLogger(Callback):
         self.total = total_steps
 
     def on_step_end(self, trainer, step, result, metrics) -> None:
-        if step % self.every and step != self.total and step != 1:
+        if step % self.every and step != self.total and step != 1 and "eval/loss" not in metrics:
             return
         mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
         skipped = f" | skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
@@ -77,6 +78,9 @@ class ConsoleLogger(Callback):
             step, self.total, result.loss, result.lr, result.grad_norm, metrics["tokens_per_s"], mfu,
             metrics["peak_mem_gib"], skipped,
         )
+        if "eval/loss" in metrics:
+            log.info("eval  %5d/%d | loss %.4f | %d tokens | %.1f s", step, self.total, metrics["eval/loss"],
+                     metrics["eval/tokens"], metrics["eval/time_s"])
 
 
 class MetricsFile(Callback):
@@ -104,10 +108,12 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {}
+    rows, evals = {}, {}
     for line in metrics_path.read_text().splitlines():
         row = json.loads(line)
         rows[row["step"]] = row["loss"]  # a resumed run may repeat steps: the last write wins
+        if "eval/loss" in row:
+            evals[row["step"]] = row["eval/loss"]
     steps = sorted(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     losses = [rows[s] for s in steps]
@@ -117,9 +123,11 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
         ema = 0.9 * ema + 0.1 * value if value == value else ema
         smoothed.append(ema)
     ax.plot(steps, smoothed, label="moving average (0.9)")
+    if evals:
+        ax.plot(sorted(evals), [evals[s] for s in sorted(evals)], "o-", label="validation loss")
     ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(metrics_path.parent.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()

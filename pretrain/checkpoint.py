@@ -1,16 +1,26 @@
-"""Distributed checkpoints (megatron-core ``torch_dist``): atomic publish, verification, keep-last-N, resume.
+"""Checkpoints of megatron-core and DeepSpeed runs: atomic publish, verification, keep-last-N, resume.
 
 Layout under ``<run_dir>/checkpoints``::
 
     step_00000100/            complete checkpoint: renamed from step_00000100.tmp only after every rank wrote
-        *.distcp, .metadata   megatron-core dist_checkpointing (model, optimizer shards, schedule, trainer state)
+        *.distcp, .metadata   parallel.zero 0/1: megatron-core dist_checkpointing (model, optimizer shards,
+                              schedule, trainer state)
+        *_model_states.pt     parallel.zero 2/3: DeepSpeed's own ``engine.save_checkpoint`` files (the step
+        *_optim_states.pt     directory is its tag); schedule and trainer state ride in its client_state
+        deepspeed.json        parallel.zero 2/3: the ZeRO stage and dp size, which a resume must match
         rng/rank_00000.pt     each rank's RNG states (restored when the layout is unchanged)
         checksums.json        size and CRC32 of every file, checked before a load
     latest                    names the newest complete checkpoint; replaced atomically after the rename
+    zero_to_fp32.py           parallel.zero 2/3: DeepSpeed's consolidation script, copied by DeepSpeed; our
+                              ``latest`` has its format, so ``python zero_to_fp32.py <checkpoints> <out>`` works
 
 A kill at any moment leaves either the previous ``latest`` or the new one, never a pointer to a partial
 directory. A checkpoint that fails verification (truncated, corrupted) is skipped with a warning naming
-it, and the newest one that verifies is used.
+it, and the newest one that verifies is used. Rank 0 alone reads the files to verify them and
+broadcasts its choice, so a checkpoint is checksummed once per job, not once per process.
+
+What a backend writes and reads is the only difference between the two (``_TorchDistState``,
+``_DeepSpeedState``); the temporary directory, checksums, publishing, pruning and RNG files are shared.
 """
 from __future__ import annotations
 
@@ -28,10 +38,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from common.errors import CheckpointError, ConfigError
+
 log = logging.getLogger("pretrain")
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loadable under any layout
 _CHECKSUMS = "checksums.json"
+_DEEPSPEED_LAYOUT = "deepspeed.json"
 
 
 def unwrap(chunk):
@@ -125,14 +138,31 @@ class Checkpointer:
     def _complete(self) -> list[Path]:
         return sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
 
-    def latest(self) -> Path | None:
-        """The newest checkpoint that verifies: the ``latest`` pointer's, else the newest older one."""
+    def _candidates(self) -> list[Path]:
+        """Complete checkpoints, newest first: the ``latest`` pointer's, then the others by step."""
         pointer = self.root / "latest"
         named = self.root / pointer.read_text().strip() if pointer.is_file() else None
-        candidates = ([named] if named is not None else []) + [p for p in reversed(self._complete()) if p != named]
-        for path in candidates:
+        return ([named] if named is not None else []) + [p for p in reversed(self._complete()) if p != named]
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies: the ``latest`` pointer's, else the newest older one.
+
+        Collective when a process group of several ranks exists (every rank must call it): rank 0 reads
+        and checks the files, the others take its verdict.
+        """
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        chosen = self._verify_newest() if not distributed or dist.get_rank() == 0 else None
+        if distributed:
+            verdict = [str(chosen) if chosen is not None else None]
+            dist.broadcast_object_list(verdict, src=0)
+            chosen = Path(verdict[0]) if verdict[0] is not None else None
+        return chosen
+
+    def _verify_newest(self) -> Path | None:
+        for path in self._candidates():
             if not path.is_dir():
-                log.warning("checkpoint %s named by %s does not exist; looking for an older one", path, pointer)
+                log.warning("checkpoint %s named by %s does not exist; looking for an older one", path,
+                            self.root / "latest")
                 continue
             problem = None if path in self._verified else verify(path)
             if problem is None:
@@ -150,19 +180,19 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
         self.wait()  # one save in flight at a time, published in order
         dist.barrier()
-        state = _sharded_state(train_module, is_loading=False, extra={"trainer": trainer_state})
+        backend = _backend(train_module)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
         if self.async_save:
             # The tensors are staged now; a background writer stores them while training goes on, and the
             # checkpoint is published (renamed, pointed to) once every rank's writer has finished.
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            request = backend.write_async(tmp, train_module, trainer_state)
             request.add_finalize_fn(lambda: self._publish(tmp, final))
             self._queue = self._queue or AsyncCallsQueue()
             self._queue.schedule_async_request(request)
             return final
-        dist_checkpointing.save(state, str(tmp))
+        backend.write(tmp, train_module, trainer_state)
         dist.barrier()
         self._publish(tmp, final)
         dist.barrier()
@@ -192,6 +222,32 @@ class Checkpointer:
 
     def load(self, path: Path, train_module) -> dict:
         """Load model, optimizer, schedule and RNG from ``path``; return the trainer state saved with them."""
+        check_resumable(path, zero=getattr(train_module, "zero", None), dp=dist.get_world_size())
+        trainer_state = _backend(train_module).read(path, train_module)
+        rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+        saved_world = len(list((path / "rng").glob("rank_*.pt")))
+        if saved_world == dist.get_world_size() and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            log.warning("checkpoint %s was saved by %d ranks, this job has %d: RNG states start fresh",
+                        path, saved_world, dist.get_world_size())
+        return trainer_state
+
+
+class _TorchDistState:
+    """parallel.zero 0/1: megatron-core model chunks, (distributed) optimizer and schedule as ``torch_dist``."""
+
+    def write(self, tmp: Path, train_module, trainer_state: dict) -> None:
+        dist_checkpointing.save(_sharded_state(train_module, is_loading=False, extra={"trainer": trainer_state}),
+                                str(tmp))
+
+    def write_async(self, tmp: Path, train_module, trainer_state: dict):
+        """Stage the tensors and return megatron-core's AsyncRequest, which writes them in the background."""
+        return dist_checkpointing.save(
+            _sharded_state(train_module, is_loading=False, extra={"trainer": trainer_state}), str(tmp),
+            async_sharded_save=True)
+
+    def read(self, path: Path, train_module) -> dict:
         common = dist_checkpointing.load_common_state_dict(str(path))
         _materialise_optimizer_state(train_module.optimizer)
         state = _sharded_state(train_module, is_loading=True, extra={"trainer": common["trainer"]})
@@ -203,14 +259,75 @@ class Checkpointer:
             train_module.optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_step(train_module.optimizer)
         train_module.scheduler.load_state_dict(loaded["scheduler"])
-        rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-        saved_world = len(list((path / "rng").glob("rank_*.pt")))
-        if saved_world == dist.get_world_size() and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-        else:
-            log.warning("checkpoint %s was saved by %d ranks, this job has %d: RNG states start fresh",
-                        path, saved_world, dist.get_world_size())
         return loaded["trainer"]
+
+
+class _DeepSpeedState:
+    """parallel.zero 2/3: DeepSpeed's own checkpoint of the engine (model, fp32 master and Adam partitions,
+    its step counters), so its tooling (zero_to_fp32) reads ours; our LR schedule and trainer state go
+    in its client_state."""
+
+    def write(self, tmp: Path, train_module, trainer_state: dict) -> None:
+        # The tag is the step directory's name under the checkpoint root: DeepSpeed's own layout. It must
+        # not write its `latest` (same name and format as ours): ours is set only once the step is complete.
+        train_module.engine.save_checkpoint(
+            str(tmp.parent), tag=tmp.name, save_latest=False,
+            client_state={"scheduler": train_module.scheduler.state_dict(), "trainer": trainer_state})
+        if dist.get_rank() == 0:
+            (tmp / _DEEPSPEED_LAYOUT).write_text(json.dumps({"zero_stage": train_module.zero, "dp": train_module.dp}))
+
+    def write_async(self, tmp: Path, train_module, trainer_state: dict):
+        raise CheckpointError("trainer.async_save=true is not supported with DeepSpeed (parallel.zero=2/3)")
+
+    def read(self, path: Path, train_module) -> dict:
+        from parallel.deepspeed import weights_only_loads
+
+        # The schedule is ours (the engine has none): it comes back through client_state.
+        with weights_only_loads():
+            loaded, client = train_module.engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                                 load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no model states in {path}")
+        train_module.scheduler.load_state_dict(client["scheduler"])
+        return client["trainer"]
+
+
+def _backend(train_module) -> _TorchDistState | _DeepSpeedState:
+    return _DeepSpeedState() if hasattr(train_module, "engine") else _TorchDistState()
+
+
+def saved_deepspeed_layout(path: Path) -> dict | None:
+    """``{"zero_stage": .., "dp": ..}`` of a checkpoint a DeepSpeed run wrote; None for a megatron-core one."""
+    marker = Path(path) / _DEEPSPEED_LAYOUT
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def check_resumable(path: Path, *, zero: int | None, dp: int) -> None:
+    """Refuse, naming the fields, a checkpoint this layout cannot load. DeepSpeed loads its ZeRO
+    partitions only at the stage and dp size that wrote them (megatron-core's ``torch_dist`` reshards
+    freely), and neither backend reads the other's optimizer state. ``zero`` None: a megatron-core run."""
+    saved = saved_deepspeed_layout(path)
+    init_hint = f"or start a new run from its weights with model.init_from={path}"
+    if saved is None:
+        if zero in (2, 3):
+            raise ConfigError(f"parallel.zero={zero} (DeepSpeed) cannot resume {path}, a megatron-core torch_dist "
+                              f"checkpoint: resume it with parallel.zero=0 or 1, {init_hint}")
+        return
+    stage, saved_dp = saved["zero_stage"], saved["dp"]
+    if (zero, dp) != (stage, saved_dp):
+        this = f"parallel.zero={zero}" if zero is not None else "a megatron-core run (parallel.zero=0/1)"
+        raise ConfigError(
+            f"{this} with parallel.dp={dp} cannot resume {path}: DeepSpeed ZeRO-{stage} saved it at dp={saved_dp}, "
+            f"and its partitions load only at that stage and dp size. Resume with parallel.zero={stage} "
+            f"parallel.dp={saved_dp}, {init_hint}")
+
+
+def check_run_resumable(root: Path, *, zero: int, dp: int) -> None:
+    """Before any process starts: ``check_resumable`` against the run's newest checkpoint, if any (not
+    verified here; the ranks verify what they load, and check again)."""
+    newest = next((p for p in Checkpointer(root, keep_last=1)._candidates() if p.is_dir()), None)
+    if newest is not None:
+        check_resumable(newest, zero=zero, dp=dp)
 
 
 def _materialise_optimizer_state(optimizer) -> None:

@@ -58,6 +58,10 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
+    fused: bool | None = None
+    """torch AdamW's fused kernel (one kernel for all parameters). None = auto: fused on CUDA, torch's default
+    elsewhere (for-loop on CPU); true/false force it. megatron-core without apex/TransformerEngine steps with
+    torch AdamW, which it builds with torch's defaults (foreach on CUDA)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -113,6 +117,25 @@ class TrainerConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)."""
     inject_nan_steps: list[int] = field(default_factory=list)
     """Testing hook: make the loss NaN at these steps (1-based) to exercise the NaN guard."""
+    recompute: str = "none"
+    """Activation recompute (megatron-core): 'none'; 'selective' recomputes ``recompute_modules`` in backward;
+    'full' keeps only each recompute unit's input (see ``recompute_method``) and reruns the layers in backward."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """recompute=selective: which parts ('core_attn', 'mlp', 'moe', 'shared_experts'). core_attn pays off with
+    model.attention_backend=local (its softmax is materialised); SDPA/flash kernels already avoid storing it."""
+    recompute_method: str = "uniform"
+    """recompute=full: 'uniform' checkpoints every unit of ``recompute_num_layers`` layers; 'block' recomputes
+    only the first ``recompute_num_layers`` layers of each pipeline stage and stores the rest."""
+    recompute_num_layers: int = 1
+    """recompute=full: layers per recompute unit (uniform; must divide the layers of a (virtual) pipeline stage)
+    or layers recomputed per stage (block)."""
+    compile: bool = False
+    """torch.compile each transformer layer (MoE: each attention block; megatron's token dispatch is
+    data-dependent). Compiles on the first step (tens of seconds)."""
+    eval_every: int = 0
+    """Validation loss every N steps and after the last step, on the data.split validation documents; 0 = off."""
+    eval_steps: int = 1
+    """Batches of global_batch_size sequences per evaluation (the same batches every time)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -124,6 +147,27 @@ class TrainerConfig:
             raise ConfigError(f"trainer.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.save_every < 0:
             raise ConfigError(f"trainer.save_every must be >= 0, got {self.save_every}")
+        check_choice("trainer.recompute", self.recompute, ("none", "selective", "full"))
+        check_choice("trainer.recompute_method", self.recompute_method, ("uniform", "block"))
+        if self.recompute_num_layers < 1:
+            raise ConfigError(f"trainer.recompute_num_layers must be >= 1, got {self.recompute_num_layers}")
+        for module in self.recompute_modules:
+            if module in ("layernorm", "moe_act"):  # megatron-core implements these with TransformerEngine only
+                raise ConfigError(
+                    f"trainer.recompute_modules: {module!r} needs TransformerEngine"
+                    f"{' and grouped GEMM' if module == 'moe_act' else ''}, which this stack does not use; "
+                    "choose from 'core_attn', 'mlp', 'moe', 'shared_experts'"
+                )
+            if module not in ("core_attn", "mlp", "moe", "shared_experts"):
+                raise ConfigError(
+                    f"trainer.recompute_modules: {module!r} is not one of 'core_attn', 'mlp', 'moe', 'shared_experts'"
+                )
+        if self.recompute == "selective" and not self.recompute_modules:
+            raise ConfigError("trainer.recompute=selective needs at least one entry in trainer.recompute_modules")
+        if self.eval_every < 0:
+            raise ConfigError(f"trainer.eval_every must be >= 0 (0 = no evaluation), got {self.eval_every}")
+        if self.eval_steps < 1:
+            raise ConfigError(f"trainer.eval_steps must be >= 1, got {self.eval_steps}")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"trainer.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -176,18 +220,52 @@ def validate_job(job: JobConfig, world_size: int) -> int:
             f"the interleaved schedule needs the number of microbatches ({microbatches} = global_batch_size / "
             f"(micro_batch_size × dp)) to be a multiple of parallel.pp={parallel.pp}"
         )
+    if parallel.cp > 1 and model.attention_backend == "local":
+        # megatron-core's local DotProductAttention asserts cp == 1 (its CP lives in TransformerEngine).
+        raise ConfigError(
+            f"parallel.cp={parallel.cp} needs model.attention_backend=sdpa or auto (context-parallel attention); "
+            "'local' is megatron-core's DotProductAttention, which has no context parallelism"
+        )
     if job.data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len={job.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    if trainer.async_save and parallel.zero in (2, 3):
+        raise ConfigError(
+            f"trainer.async_save=true is not supported with parallel.zero={parallel.zero}: DeepSpeed's engine writes "
+            "its checkpoint synchronously (megatron-core's asynchronous writer serves parallel.zero=0/1); set "
+            "trainer.async_save=false"
+        )
+    _check_step_knobs(job)
     return dp
 
 
-def check_trainable(job: JobConfig) -> None:
-    """What the training CLI cannot run yet, refused before any process starts (not at the first save)."""
-    if job.parallel.zero in (2, 3):
+def _check_step_knobs(job: JobConfig) -> None:
+    """Recompute, compile, fused AdamW and evaluation against the model, layout and data split."""
+    model, parallel, trainer = job.model, job.parallel, job.trainer
+    if trainer.recompute == "full":
+        per_stage = model.num_layers // (parallel.pp * parallel.vpp)
+        n, method = trainer.recompute_num_layers, trainer.recompute_method
+        # megatron-core indexes past the stage's last layer (IndexError mid-step) when a uniform unit overhangs.
+        if (method == "uniform" and per_stage % n) or n > per_stage:
+            raise ConfigError(
+                f"trainer.recompute_num_layers={n} must {'divide' if method == 'uniform' else 'be at most'} the "
+                f"{per_stage} layers of each (virtual) pipeline stage (trainer.recompute_method={method})"
+            )
+    if trainer.compile and parallel.zero in (2, 3):
         raise ConfigError(
-            f"parallel.zero={job.parallel.zero} runs through DeepSpeed, whose sharded optimizer state the trainer's "
-            "checkpointer (megatron-core torch_dist) cannot save or load yet; use parallel.zero=1 (megatron-core's "
-            "distributed optimizer, ZeRO-1). ZeRO-2/3 are available to build_train_module (tests, benchmarks)."
+            f"trainer.compile=true is not supported with parallel.zero={parallel.zero} (DeepSpeed gathers and "
+            "releases parameters in module hooks; not tried under torch.compile); use parallel.zero=0/1"
+        )
+    if job.optim.fused:
+        import torch
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+        if kind not in _get_fused_kernels_supported_devices():
+            raise ConfigError(f"optim.fused=true: this torch ({torch.__version__}) has no fused AdamW for {kind}")
+    if trainer.eval_every and float(job.data.split.split(",")[1]) == 0:
+        raise ConfigError(
+            f"trainer.eval_every={trainer.eval_every} needs validation documents, but data.split={job.data.split!r} "
+            'gives them none: set a validation share (e.g. data.split="98,2,0") or trainer.eval_every=0'
         )
 
 

@@ -93,6 +93,8 @@ def build_datasets(data: DataConfig, shards: Shards, *, seed: int, train_samples
     ).build()
     if train is None:
         raise ConfigError(f"data.split={data.split!r} leaves no training documents")
+    if valid_samples and valid is None:
+        raise ConfigError(f"data.split={data.split!r} leaves no validation documents (needed by trainer.eval_every)")
     return train, valid
 
 

@@ -13,32 +13,10 @@ import torch.distributed as dist
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from common.errors import QwenPretrainError
 from parallel.deepspeed import apply_deepspeed, build_adamw, gathered_parameters
 from parallel.mesh import device
-from pretrain.optim import build_scheduler
+from pretrain.optim import build_scheduler, fused_adamw
 from pretrain.train_module import StepResult
-
-
-class DeepSpeedCheckpointError(QwenPretrainError):
-    """pretrain.checkpoint.Checkpointer cannot save or load a DeepSpeed (parallel.zero=2/3) run."""
-
-
-_NO_CHECKPOINT = (
-    "parallel.zero={zero} runs through DeepSpeed, whose sharded optimizer state pretrain.checkpoint.Checkpointer "
-    "(megatron-core torch_dist) cannot save or load yet. Use parallel.zero=1 (megatron-core's distributed "
-    "optimizer, ZeRO-1) for runs that checkpoint, or train without checkpoints."
-)
-
-
-class _NoCheckpointOptimizer:
-    """Stands where the Checkpointer looks for the megatron optimizer, and refuses with a clear error."""
-
-    def __init__(self, zero: int) -> None:
-        self.zero = zero
-
-    def __getattr__(self, name):
-        raise DeepSpeedCheckpointError(_NO_CHECKPOINT.format(zero=self.zero))
 
 
 class DeepSpeedTrainModule:
@@ -51,12 +29,6 @@ class DeepSpeedTrainModule:
         self.zero = zero
         self.dp = dist.get_world_size()
         self.model = engine.module  # the bare GPTModel (ZeRO-3: its parameters are partitioned)
-        self.optimizer = _NoCheckpointOptimizer(zero)
-
-    @property
-    def chunks(self):
-        """What the Checkpointer reads first when it saves: refuse there, before it writes anything."""
-        raise DeepSpeedCheckpointError(_NO_CHECKPOINT.format(zero=self.zero))
 
     def train_batch(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool = False) -> StepResult:
         """Forward/backward over the microbatches, then one optimizer step unless loss or gradients are not finite."""
@@ -103,6 +75,25 @@ class DeepSpeedTrainModule:
         return StepResult(loss=loss, grad_norm=grad_norm, lr=engine.optimizer.param_groups[0]["lr"],
                           tokens=tokens, skipped=False)
 
+    def evaluate(self, batches) -> tuple[float, int]:
+        """Validation: (mean loss, tokens) over ``batches`` (each one global batch's microbatches for this rank):
+        the training loss's per-token sums, forward only, eval mode, no gradients (``TrainModule.evaluate``)."""
+        engine, dev = self.engine, device()
+        totals = torch.zeros(2, dtype=torch.float64, device=dev)
+        engine.eval()
+        try:
+            with torch.no_grad():
+                for microbatches in batches:
+                    for mb in microbatches:
+                        per_token = engine(mb["tokens"].to(dev), mb["position_ids"].to(dev), None,
+                                           labels=mb["labels"].to(dev))
+                        mask = mb["loss_mask"].to(dev).reshape(-1).float()
+                        totals += torch.stack([(per_token.float().reshape(-1) * mask).sum(), mask.sum()]).to(totals)
+        finally:
+            engine.train()
+        dist.all_reduce(totals)
+        return float(totals[0] / totals[1]), int(totals[1])
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's tensors under GPTModel names, whole on every rank (collective under ZeRO-3)."""
         with gathered_parameters(self.engine):
@@ -113,7 +104,8 @@ def build_deepspeed_train_module(job, config: TransformerConfig, model: torch.nn
     """parallel.zero in (2, 3): AdamW like megatron's, the DeepSpeed engine, and the same LR schedule."""
     p, o, t = job.parallel, job.optim, job.trainer
     dp = dist.get_world_size()
-    optimizer = build_adamw(model, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = build_adamw(model, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                            fused=fused_adamw(o.fused))
     engine = apply_deepspeed(
         model, zero_stage=p.zero, optimizer=optimizer, offload_optimizer=p.offload_optimizer,
         bf16=t.precision == "bf16", clip_grad=o.clip_grad, micro_batch_size=t.micro_batch_size,

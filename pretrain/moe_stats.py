@@ -20,6 +20,9 @@ class MoEStats:
 
     def __init__(self, chunks: list, num_layers: int, num_experts: int, sequence_parallel: bool) -> None:
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device())
+        # megatron-core's tracker is a process global: start from zero, not from what an earlier model in
+        # this process left (e.g. a DeepSpeed MoE run, which never collects).
+        clear_aux_losses_tracker()
         # Without sequence parallelism every tensor-parallel rank routes the same tokens.
         self.tp_copies = 1 if sequence_parallel else parallel_state.get_tensor_model_parallel_world_size()
         for chunk in chunks:

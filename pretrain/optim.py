@@ -25,7 +25,33 @@ def build_optimizer(
         use_distributed_optimizer=zero == 1,
     )
     optimizer = get_megatron_optimizer(config, chunks)
+    set_adamw_kernel(optimizer, fused_adamw(optim.fused))
     return optimizer, build_scheduler(optim, optimizer, total_steps=total_steps)
+
+
+def fused_adamw(fused: bool | None) -> bool:
+    """``optim.fused``: None = auto (the fused kernel on CUDA; torch's for-loop default on CPU)."""
+    return torch.cuda.is_available() if fused is None else fused
+
+
+def set_adamw_kernel(optimizer, fused: bool) -> None:
+    """Select torch AdamW's fused kernel in the torch optimizers megatron-core built.
+
+    megatron-core 0.16.1 without TransformerEngine/apex instantiates ``torch.optim.AdamW`` with torch's
+    defaults and has no switch. torch reads ``fused``/``foreach`` from each param group at every ``step()``
+    (its step counters too are created per group setting), so setting them before the first step is the
+    same as constructing with ``fused=True``. The parameters are always fp32 master weights here.
+    """
+    if not fused:
+        return
+    for megatron_opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        torch_opt = megatron_opt.optimizer
+        if torch_opt is None:  # a rank with no parameters in this group
+            continue
+        torch_opt.defaults.update(fused=True, foreach=None)
+        for group in torch_opt.param_groups:
+            group.update(fused=True, foreach=None)
+        torch_opt._step_supports_amp_scaling = True  # as AdamW(fused=True).__init__ sets
 
 
 def build_scheduler(optim: OptimConfig, optimizer, *, total_steps: int) -> OptimizerParamScheduler:

@@ -13,6 +13,7 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from parallel.mesh import device
 
@@ -43,7 +44,11 @@ def _loss_func(loss_mask: torch.Tensor, poison: bool, per_token_loss: torch.Tens
 
 
 def _forward_step(poison: bool, data_iterator, model):
-    batch = next(data_iterator)
+    # Context parallel: every cp rank of a replica reads the same samples and keeps its 2 of 2 × cp
+    # sequence chunks (r and 2cp-1-r), the layout megatron-core's RoPE slices its frequencies for, so
+    # positions are right without touching position_ids. A copy: the microbatch dicts are reused
+    # (one pass per virtual pipeline stage). Per-token loss sums over cp ranks add up to the full sum.
+    batch = get_batch_on_this_cp_rank(dict(next(data_iterator)))
     dev = device()
     tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
     output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
@@ -111,6 +116,34 @@ class TrainModule:
             extras=extras,
         )
 
+    def evaluate(self, batches) -> tuple[float, int]:
+        """Validation: (mean loss, tokens) over ``batches``, each one global batch's microbatches for this rank.
+
+        The training loss exactly (per-token sums over every token of every batch, one global mean), forward
+        only through the same pipeline schedule, in eval mode (no dropout) and without gradients: weights,
+        optimizer, gradient buffers and RNG states are left as they were.
+        """
+        reports = []
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            with torch.no_grad():
+                for microbatches in batches:
+                    iterators = [iter(microbatches) for _ in self.chunks]
+                    reports += self._forward_backward(
+                        forward_step_func=partial(_forward_step, False),
+                        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                        model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                        num_microbatches=len(microbatches),
+                        seq_length=self.seq_len,
+                        micro_batch_size=self.micro_batch_size,
+                        forward_only=True,
+                    )
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        return _global_loss(reports)
+
     def _guard_grad_norm(self) -> None:
         """Abort ``optimizer.step()`` before clipping and updating when the global grad norm is not finite.
 
@@ -132,6 +165,7 @@ def _global_loss(reports: list[dict]) -> tuple[float, int]:
 
     Only last-stage ranks hold reports; summing [loss_sum, tokens] over the whole world counts each
     tensor-parallel replica alike, so the ratio is the data-parallel mean and the count is tp times too big.
+    Context-parallel ranks hold disjoint tokens of the same sequences: their sums simply add up.
     """
     totals = torch.zeros(2, dtype=torch.float64, device=device())
     for report in reports:

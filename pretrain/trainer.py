@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm preemption / time limit
 class Trainer:
     def __init__(self, *, module: TrainModule, batches_from, checkpointer: Checkpointer, callbacks: list[Callback],
                  mesh: Mesh, steps: int, save_every: int, max_bad_steps: int = 5,
-                 inject_nan_steps: tuple[int, ...] = ()) -> None:
+                 inject_nan_steps: tuple[int, ...] = (), eval_batches=None, eval_every: int = 0) -> None:
         self.module = module
         self.batches_from = batches_from  # step -> iterator of per-step microbatch lists
         self.checkpointer = checkpointer
@@ -32,6 +33,8 @@ class Trainer:
         self.save_every = save_every
         self.max_bad_steps = max_bad_steps
         self.inject_nan_steps = set(inject_nan_steps)
+        self.eval_batches = eval_batches  # () -> iterable of this rank's validation microbatch lists
+        self.eval_every = eval_every if eval_batches is not None else 0
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -65,6 +68,9 @@ class Trainer:
                 self._check_finite(result)
                 metrics: dict = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
                                  **result.extras}
+                # Every eval_every steps and after the last one; logged with the step it follows.
+                if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.steps):
+                    metrics.update(self.evaluate())
                 self._call("on_step_end", self.step, result, metrics)
                 # No periodic save inside a bad streak: the last good checkpoint stays the newest.
                 if self.save_every and self.step % self.save_every == 0 and not result.skipped:
@@ -84,6 +90,12 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def evaluate(self) -> dict:
+        """Validation loss on the fixed validation batches (collective: every rank calls it)."""
+        start = time.perf_counter()
+        loss, tokens = self.module.evaluate(self.eval_batches())
+        return {"eval/loss": loss, "eval/tokens": tokens, "eval/time_s": time.perf_counter() - start}
 
     def _check_finite(self, result) -> None:
         if not result.skipped:

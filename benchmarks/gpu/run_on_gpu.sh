@@ -11,7 +11,8 @@
 #           and the Qwen1.5-MoE-A2.7B shape cut to MOE_LAYERS layers (3 on an 80 GB GPU, 6 on a larger one;
 #           retried with 2 on OOM). Each: ours vs the HF peer, micro-batch 1, 20 steps after 3 warm-up.
 #   knobs   qwen2_1_5b seq 4096, one knob at a time: --attention local, local + --recompute selective,
-#           --recompute full (peer: gradient checkpointing), --ours-adam fused, --sdpa-backend cudnn (both).
+#           --recompute full (peer: gradient checkpointing), --ours-adam unfused (the default is
+#           optim.fused=auto: fused on CUDA), --sdpa-backend cudnn (both).
 #   knobs2  qwen2_1_5b seq 4096: --compile (both sides), and the peer alone in --peer-precision amp / bf16.
 #
 # Writes under $OUT (what comes back; at most 8 files): run.log (everything printed), env.txt (GPU, versions,
@@ -113,7 +114,7 @@ knobs)
     bench attention_local 150 "${M15[@]}" --attention local --peer none
     bench local_selective 150 "${M15[@]}" --attention local --recompute selective --peer none
     bench recompute_full 200 "${M15[@]}" --recompute full
-    bench ours_fused_adam 150 "${M15[@]}" --ours-adam fused --peer none
+    bench ours_unfused_adam 150 "${M15[@]}" --ours-adam unfused --peer none
     bench sdpa_cudnn 150 "${M15[@]}" --sdpa-backend cudnn
     ;;
 knobs2)

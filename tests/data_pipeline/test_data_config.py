@@ -30,6 +30,8 @@ pytestmark = pytest.mark.timeout(60)
     (lambda: TokenizerConfig(vocab_size=100), r"data_pipeline\.tokenizer\.vocab_size must be >= 259"),
     (lambda: TokenizerConfig(source="file"), r"data_pipeline\.tokenizer\.path must be set"),
     (lambda: TokenizerConfig(eos_token="</s>"), r"data_pipeline\.tokenizer\.eos_token='</s>' must be one of"),
+    (lambda: TokenizerConfig(backend="rust"), r"data_pipeline\.tokenizer\.backend must be one of"),
+    (lambda: TokenizerConfig(backend="bpe_qwen"), r"data_pipeline\.tokenizer\.backend='bpe_qwen' .*source='qwen2'"),
     (lambda: ExecutorConfig(kind="k8s"), r"data_pipeline\.executor\.kind must be one of"),
     (lambda: ExecutorConfig(tasks=0), r"data_pipeline\.executor\.tasks must be >= 1"),
 ])

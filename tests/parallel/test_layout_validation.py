@@ -30,6 +30,9 @@ QWEN1_5_MOE = dict(num_layers=24, num_heads=16, num_kv_heads=16, num_experts=60)
         (dict(zero=0, offload_optimizer=True), "got parallel.zero=0"),
         (dict(tp=0), "parallel.tp must be an integer >= 1"),
         (dict(dp=0), "parallel.dp must be >= 1, or -1"),
+        (dict(cp=0), "parallel.cp must be an integer >= 1"),
+        # DeepSpeed would average over cp ranks as if they were replicas
+        (dict(zero=2, cp=2), "got tp=1, pp=1, ep=1, cp=2"),
     ],
 )
 def test_layout_refused_on_its_own(layout, message):
@@ -65,6 +68,14 @@ def test_offload_is_accepted_with_deepspeed_stages(zero):
         (dict(tp=4, sequence_parallel=True), 4, QWEN2_7B, 4098, "sequence length 4098 is not divisible by parallel.tp=4"),
         # DeepSpeed ZeRO-2/3 shard over data-parallel ranks
         (dict(zero=3), 1, QWEN2_7B, 4096, "parallel.zero=3 shards over data-parallel ranks; it needs dp >= 2"),
+        # context parallel: 2 × cp equal chunks per sequence, and cp ranks count in the world size
+        (dict(cp=4), 4, QWEN2_7B, 4100, "sequence length 4100 is not divisible by 2 × parallel.cp = 8"),
+        (dict(cp=2), 3, QWEN2_7B, 4096, "world size 3 is not divisible by parallel.tp × parallel.pp × parallel.cp"),
+        (dict(tp=2, cp=2, dp=2), 4, QWEN2_7B, 4096, "= 2 × 1 × 2 × 2 = 8 processes, but the world size is 4"),
+        # with sequence parallel each cp rank's seq / cp tokens are split over tp: 4100 / 2 = 2050, odd
+        (dict(tp=4, cp=2, sequence_parallel=True), 8, QWEN2_7B, 4100, "sequence length / parallel.cp = 4100 / 2"),
+        # experts spread over tp × cp × dp = 2 ranks: ep=4 does not fit
+        (dict(cp=2, ep=4), 2, QWEN1_5_MOE, 4096, "must divide parallel.tp × parallel.cp × dp = 1 × 2 × 1"),
     ],
 )
 def test_layout_refused_against_model_and_world(layout, world_size, shape, seq_len, message):
@@ -80,11 +91,30 @@ def test_layout_refused_against_model_and_world(layout, world_size, shape, seq_l
         (dict(tp=4, sequence_parallel=True), 8, QWEN2_7B),
         (dict(ep=4, tp=2, etp=1), 8, QWEN1_5_MOE),  # experts over tp × dp = 8 ranks
         (dict(zero=2), 2, QWEN2_7B),
+        (dict(tp=2, cp=2, sequence_parallel=True), 8, QWEN2_7B),  # 4096 / 2 per cp rank, / 2 per tp rank
+        (dict(cp=4, ep=4), 8, QWEN1_5_MOE),  # experts over tp × cp × dp = 1 × 4 × 2 ranks
     ],
 )
 def test_valid_layouts_pass(layout, world_size, shape):
     p = ParallelConfig(**layout)
-    assert p.validate(world_size=world_size, seq_len=4096, **shape) == world_size // (p.tp * p.pp)
+    assert p.validate(world_size=world_size, seq_len=4096, **shape) == world_size // (p.tp * p.pp * p.cp)
+
+
+def test_context_parallel_world_size_and_description():
+    p = ParallelConfig(tp=2, cp=2)
+    assert p.local_world_size == 4 and p.resolve_dp(8) == 2
+    assert p.describe(2) == "tp=2 pp=1 cp=2 dp=2 zero=1"
+    # a bare MoE launch starts enough ranks for the expert groups, counting cp ranks: tp × cp × dp >= ep
+    assert ParallelConfig(cp=2, ep=4).local_world_size == 4
+
+
+def test_context_parallel_needs_the_sdpa_attention():
+    job = JobConfig(model=ModelConfig(num_layers=4, attention_backend="local"), data=DataConfig(seq_len=64),
+                    parallel=ParallelConfig(cp=2), trainer=TrainerConfig(wandb=WandbConfig(mode="disabled")))
+    with pytest.raises(ConfigError, match="parallel.cp=2 needs model.attention_backend=sdpa"):
+        validate_job(job, world_size=2)
+    job.model.attention_backend = "auto"
+    assert validate_job(job, world_size=2) == 1
 
 
 def _job(parallel: ParallelConfig, **trainer) -> JobConfig:

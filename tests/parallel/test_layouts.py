@@ -4,7 +4,8 @@ Each layout loads the weights of one tiny random Hugging Face model (``model.ini
 ``build_train_module(...).train_batch`` on the same fixed global batch, and is compared with a single
 process running the same job: the loss, gradient norm and learning rate of every step, and every weight
 after the last step (exported to HF layout with ``hf_adapter.to_hf``, so shards of any layout compare
-against the same dict). fp32 layouts must match within 1e-5; bf16 layouts are compared against a bf16
+against the same dict). Context-parallel layouts (cp) feed each rank 2 of 2 × cp chunks of every sequence
+and must match the same way. fp32 layouts must match within 1e-5; bf16 layouts are compared against a bf16
 single process with bf16 tolerances and checked for fp32 master weights and fp32 gradient reduction.
 
 Cost control (2 CPU cores): the single-process references run once per module, all layouts of one world
@@ -56,10 +57,16 @@ CASES: dict[str, tuple[str, dict, str, int]] = {
     "bf16-tp2": ("dense", dict(tp=2), "bf16", 2),
     "bf16-dp2-zero1": ("dense", dict(zero=1), "bf16", 2),
     "bf16-ds-zero2": ("dense", dict(zero=2), "bf16", 2),
+    "cp2": ("dense", dict(cp=2), "fp32", 2),
+    "ep2-cp2": ("moe", dict(ep=2, cp=2), "fp32", 2),
+    "bf16-cp2": ("dense", dict(cp=2), "bf16", 2),
     # 4 ranks
     "tp2-pp2": ("dense", dict(tp=2, pp=2), "fp32", 4),
     "ep2-dp4": ("moe", dict(ep=2), "fp32", 4),
     "tp2-dp2-zero1": ("dense", dict(tp=2, zero=1), "fp32", 4),
+    "tp2-sp-cp2": ("dense", dict(tp=2, cp=2, sequence_parallel=True), "fp32", 4),
+    "cp2-dp2": ("dense", dict(cp=2, zero=1), "fp32", 4),
+    "pp2-cp2": ("dense", dict(pp=2, cp=2), "fp32", 4),
 }
 REFERENCES = {("dense", "fp32"), ("dense", "bf16"), ("moe", "fp32"), ("tied", "fp32")}
 # The models: "dense" Qwen2 (untied, like 7B/72B), "tied" (input and output embedding shared, like
@@ -135,38 +142,25 @@ def _run_case(rank: int, world_size: int, name: str, hf_dir: Path) -> dict:
     batches = microbatches(_global_batch(job.model.vocab_size), global_batch_size=GBS, micro_batch_size=MBS,
                            dp_rank=mesh.dp_rank, dp_size=dp, start_step=0)
     per_step = [next(batches) for _ in range(STEPS)]
+    # Validation loss (forward only) on the first two global batches: on the initial weights, which every
+    # layout shares, and again after the steps.
+    evals = [module.evaluate(per_step[:2])]
     # A poisoned step (NaN loss) runs on the batch of the step after it, which then runs again clean:
     # the run must match 3 clean steps exactly, so the skipped step may leave no trace.
     plan = [(i, False) for i in range(STEPS)]
     for bad in job.trainer.inject_nan_steps:
         plan.insert(bad - 1, (bad - 1, True))
     steps = [dataclasses.asdict(module.train_batch(per_step[i], poison=poison)) for i, poison in plan]
-    refused = None
+    evals.append(module.evaluate(per_step[:2]))
     if hasattr(module, "engine"):  # DeepSpeed: whole tensors (gathered under ZeRO-3), the same on every rank
         state = module.full_state_dict()
-        refused = _checkpoint_refused(module)
         shards = [(Layout(), state)] if rank == 0 else []
     else:
         shards = [(Layout.current(vp_stage=i if len(module.chunks) > 1 else None), local_state_dict(c))
                   for i, c in enumerate(module.chunks)]
     shards = [(lay, {k: v.float() for k, v in sd.items()}) for lay, sd in shards]
     return {"steps": steps, "shards": shards, "precision": _precision_report(module), "mesh": mesh.describe(),
-            "checkpoint_refused": refused}
-
-
-def _checkpoint_refused(module) -> bool:
-    """The Checkpointer cannot save DeepSpeed runs yet: it must say so (on every rank alike, no hang)."""
-    import os
-    import tempfile
-
-    from pretrain.checkpoint import Checkpointer
-    from pretrain.deepspeed_module import DeepSpeedCheckpointError
-
-    try:
-        Checkpointer(Path(tempfile.gettempdir()) / f"layouts-{os.getppid()}", keep_last=1).save(3, module, {})
-    except DeepSpeedCheckpointError as e:
-        return "parallel.zero=1" in str(e)
-    return False
+            "evals": evals}
 
 
 def run_cases(rank: int, world_size: int, names: list[str], hf_dirs: dict) -> dict:
@@ -271,13 +265,25 @@ def test_layout_trains_like_one_process(name, request, references):
     weight_diff = _max_weight_diff(run["weights"], ref["weights"])
     MEASURED[name] = dict(loss=loss_diff, grad_norm_rel=norm_diff, weights=weight_diff, mesh=run["mesh"])
     if _is_deepspeed(name):
-        assert run["checkpoint_refused"] is True
         assert run["precision"]["offload"] == layout.get("offload_optimizer", False)
         if layout["zero"] == 3:  # each rank holds half of every matrix (1-D tensors stay whole)
             assert run["precision"]["params_held"] < 0.6, run["precision"]
         else:
             assert run["precision"]["params_held"] == 1.0
     assert [s["tokens"] for s in steps] == [r["tokens"] for r in ref["steps"]]
+    # Validation loss: the same per-token mean over the same tokens as one process (before and after training).
+    assert [t for _, t in run["evals"]] == [steps[0]["tokens"] + steps[1]["tokens"]] * 2
+    eval_diff = max(abs(a - b) for (a, _), (b, _) in zip(run["evals"], ref["evals"]))
+    MEASURED[name]["eval"] = eval_diff
+    assert eval_diff <= (FP32_TOL if precision == "fp32" else BF16_LOSS_TOL), (run["evals"], ref["evals"])
+    if layout.get("cp", 1) > 1:  # the cp ranks of one replica read the same samples: not counted in dp
+        model_ranks = layout.get("tp", 1) * layout.get("pp", 1) * layout["cp"]
+        assert f"cp={layout['cp']} " in run["mesh"] and f"dp={world_size // model_ranks} " in run["mesh"], run["mesh"]
+    if kind == "moe" and not _is_deepspeed(name):  # router statistics: the same tokens per expert, same aux loss
+        for s, r in zip(steps, ref["steps"]):
+            assert s["extras"]["moe/expert_tokens"] == r["extras"]["moe/expert_tokens"]
+            assert s["extras"]["moe/load_balancing_loss"] == pytest.approx(
+                r["extras"]["moe/load_balancing_loss"], abs=FP32_TOL)
     assert [s["lr"] for s in steps] == pytest.approx([r["lr"] for r in ref["steps"]], rel=1e-12)
     if precision == "fp32":
         assert loss_diff <= FP32_TOL, [(s["loss"], r["loss"]) for s, r in zip(steps, ref["steps"])]
@@ -299,9 +305,10 @@ def test_layout_trains_like_one_process(name, request, references):
 
 def test_print_measured_differences():
     """Not a check: the table of measured worst differences (pytest -s shows it)."""
-    print("\n| layout | mesh (rank 0) | max loss diff | max rel grad-norm diff | max weight diff | bf16: loss vs fp32 |")
-    print("|---|---|---|---|---|---|")
+    print("\n| layout | mesh (rank 0) | max loss diff | max rel grad-norm diff | max weight diff | bf16: loss vs fp32 "
+          "| eval loss diff |")
+    print("|---|---|---|---|---|---|---|")
     for name, m in MEASURED.items():
         vs32 = f"{m['loss_vs_fp32']:.2e}" if "loss_vs_fp32" in m else ""
         print(f"| {name} | {m['mesh'].split(' (')[0]} | {m['loss']:.2e} | {m['grad_norm_rel']:.2e} | "
-              f"{m['weights']:.2e} | {vs32} |")
+              f"{m['weights']:.2e} | {vs32} | {m.get('eval', float('nan')):.2e} |")

@@ -1,4 +1,5 @@
 """Checkpoints survive kill -9, resharding, corruption; the NaN guard skips and stops."""
+import contextlib
 import json
 import math
 import os
@@ -36,22 +37,50 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def _process_tree(pid: int) -> list:
+    """The launcher and every process under it: torchrun starts each rank in a session of its own, out
+    of reach of a signal to the launcher's process group."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(processes: list, sig: int) -> None:
+    import psutil
+
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
 def kill_at_step(run_dir, shards, step: int, *overrides) -> None:
-    """Start a run and SIGKILL its whole process group once it has logged ``step``."""
+    """Start a run and SIGKILL every one of its processes (launcher, torchrun, ranks) once it has logged ``step``.
+
+    The run is frozen (SIGSTOP) while its metrics are read, so it is killed in the state that was read:
+    a fast run (DeepSpeed's tiny steps take ~0.1 s) cannot save again or finish between check and kill.
+    """
     proc = subprocess.Popen(command(run_dir, shards, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
+    tree = []
     try:
         while time.time() < deadline and proc.poll() is None:
+            tree = _process_tree(proc.pid)
+            _signal(tree, signal.SIGSTOP)
             if metrics.exists() and step in losses(run_dir):
                 break
-            time.sleep(0.05)
+            _signal(tree, signal.SIGCONT)
+            time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
         assert step in losses(run_dir), "the run never reached the step to kill at"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _signal(tree + _process_tree(proc.pid), signal.SIGKILL)
         proc.wait()
 
 
@@ -80,7 +109,7 @@ def test_resharded_resume_continues_with_the_same_loss(tmp_path, shards):
     args = ("trainer.steps=6", "trainer.save_every=4")
     run(tmp_path / "tp2", shards, "parallel=tp2", *args)
     reference = losses(tmp_path / "tp2")
-    for layout in ("single", "pp2"):
+    for layout in ("single", "pp2", "cp2"):  # cp2: the same weights, the sequence split over 2 ranks
         run_dir = tmp_path / layout
         (run_dir / "checkpoints").mkdir(parents=True)
         # Start the new layout from the TP2 checkpoint of step 4.
@@ -166,3 +195,27 @@ def test_async_save_publishes_complete_checkpoints_and_resumes_exactly(tmp_path,
     (tmp_path / "resume" / "checkpoints" / "latest").write_text("step_00000004")
     run(tmp_path / "resume", shards, *args)
     assert losses(tmp_path / "resume") == {s: losses(tmp_path / "sync")[s] for s in (5, 6)}
+
+
+def _latest_seen_by_rank(rank: int, world_size: int, root: str) -> tuple[str, list[str]]:
+    import pretrain.checkpoint as checkpoint
+
+    checked, real_verify = [], checkpoint.verify
+    checkpoint.verify = lambda path: checked.append(path.name) or real_verify(path)
+    return checkpoint.Checkpointer(Path(root), keep_last=2).latest().name, checked
+
+
+def test_rank0_alone_verifies_and_every_rank_takes_its_fallback(tmp_path):
+    from parallel.testing import run_distributed
+    from pretrain.checkpoint import _file_checksums
+
+    for step in (2, 4):
+        ckpt = tmp_path / f"step_{step:08d}"
+        (ckpt / "rng").mkdir(parents=True)
+        (ckpt / "rng" / "rank_00001.pt").write_bytes(os.urandom(1 << 16))
+        (ckpt / "checksums.json").write_text(json.dumps(_file_checksums(ckpt)))
+    (tmp_path / "latest").write_text("step_00000004")
+    victim = tmp_path / "step_00000004" / "rng" / "rank_00001.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    ranks = run_distributed(_latest_seen_by_rank, 2, str(tmp_path), timeout=60)
+    assert ranks == [("step_00000002", ["step_00000004", "step_00000002"]), ("step_00000002", [])]

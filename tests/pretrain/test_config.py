@@ -64,13 +64,10 @@ def test_section_checks_name_the_field(overrides, message):
     assert message in str(err.value)
 
 
-def test_training_cli_refuses_deepspeed_zero_until_it_can_checkpoint():
-    from pretrain.config import check_trainable
-
-    j = job("parallel=zero3")
-    assert validate_job(j, world_size=2) == 2  # a valid layout (tests and benchmarks build it) ...
-    with pytest.raises(ConfigError, match="parallel.zero=3 runs through DeepSpeed, whose sharded optimizer state"):
-        check_trainable(j)  # ... that the trainer cannot checkpoint yet
+def test_deepspeed_zero_trains_but_refuses_async_save():
+    assert validate_job(job("parallel=zero3"), world_size=2) == 2  # the training CLI runs ZeRO-2/3 ...
+    with pytest.raises(ConfigError, match="trainer.async_save=true is not supported with parallel.zero=3"):
+        validate_job(job("parallel=zero3", "trainer.async_save=true"), world_size=2)  # ... but writes synchronously
 
 
 def test_missing_data_path_is_a_config_error(tmp_path):

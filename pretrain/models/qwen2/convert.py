@@ -9,7 +9,9 @@
     python -m pretrain.models.qwen2.convert export --checkpoint runs/x/checkpoints --out hf_out/ [--model qwen2_tiny]
 
 Export needs no process group: it reads the (layout-independent) ``torch_dist`` tensors directly with
-``torch.distributed.checkpoint`` and holds the full model in host memory once.
+``torch.distributed.checkpoint`` and holds the full model in host memory once. A DeepSpeed (parallel.zero
+2/3) checkpoint is consolidated from its ZeRO partitions by DeepSpeed's own ``zero_to_fp32`` reader: its
+fp32 master weights are exported (``--dtype`` casts them).
 
 A training run starts from converted weights through :func:`init_chunks_from` (an HF dir or a
 checkpoint made by ``import``/the trainer), called on freshly built model chunks before the optimizer
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ConfigError
+from pretrain.checkpoint import saved_deepspeed_layout
 from pretrain.models.qwen2.config import ModelConfig
 from pretrain.models.qwen2.hf_adapter import (
     ConversionError,
@@ -58,12 +61,14 @@ _SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "tie_
 # Checkpoint directories
 # --------------------------------------------------------------------------------------------------
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A ``torch_dist`` checkpoint dir from a dir itself, or a checkpoint root with a ``latest`` pointer."""
+    """A checkpoint dir (``torch_dist``, or a trainer's DeepSpeed one) from a dir itself, or a checkpoint
+    root with a ``latest`` pointer."""
     path = Path(path)
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise ConversionError(f"{path} is not a megatron torch_dist checkpoint (no metadata.json or latest pointer)")
+    if not (path / "metadata.json").is_file() and saved_deepspeed_layout(path) is None:
+        raise ConversionError(f"{path} is not a trainer checkpoint (no metadata.json, deepspeed.json or latest "
+                              "pointer)")
     return path
 
 
@@ -121,6 +126,22 @@ def read_checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_deepspeed_model(ckpt: Path, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """The whole model (GPTModel names, fp32 master weights) of a trainer's DeepSpeed ZeRO-2/3 checkpoint,
+    consolidated from its partitions by DeepSpeed's ``zero_to_fp32`` (no process group)."""
+    from parallel.deepspeed import weights_only_loads
+
+    with weights_only_loads():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # The trainer saves each step directory as DeepSpeed's tag under the checkpoint root.
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    state = {k: v for k, v in state.items() if k.startswith(_MODEL_PREFIXES) and torch.is_tensor(v)}
+    if model.tie_embeddings:
+        state.pop("output_layer.weight", None)
+    return state
+
+
 # --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------
@@ -134,10 +155,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, model: str
     an HF dir whose tokenizer and generation files are copied alongside.
     """
     ckpt = resolve_checkpoint_dir(checkpoint)
-    common = _load_common(ckpt)
+    deepspeed = saved_deepspeed_layout(ckpt) is not None
+    common = {} if deepspeed else _load_common(ckpt)
     model_cfg = _model_config_for(ckpt, common, model)
-    stacked = read_checkpoint_tensors(ckpt)
-    global_sd = global_from_checkpoint_tensors(stacked, model_cfg)
+    if deepspeed:
+        global_sd = read_deepspeed_model(ckpt, model_cfg)
+    else:
+        global_sd = global_from_checkpoint_tensors(read_checkpoint_tensors(ckpt), model_cfg)
     megatron_vocab = global_sd["embedding.word_embeddings.weight"].shape[0]
     if hf_vocab_size is None:
         hf_vocab_size = common.get("hf_vocab_size", megatron_vocab)
@@ -177,7 +201,8 @@ def init_chunks_from(chunks: list[torch.nn.Module], model: ModelConfig, source: 
     """Overwrite this rank's freshly built model chunks with pretrained weights, under any layout.
 
     ``source``: a Hugging Face dir (config.json + safetensors; each rank reads only its slices) or a
-    ``torch_dist`` checkpoint (made by ``import``, or a trainer checkpoint: only its model part is read).
+    ``torch_dist`` checkpoint (made by ``import``, or a trainer checkpoint: only its model part is read),
+    or a trainer's DeepSpeed checkpoint (every rank consolidates its fp32 weights).
     Call it before the optimizer is built (its fp32 main weights are copies of the model's).
     Collective when ``source`` is a torch_dist checkpoint.
     """
@@ -190,6 +215,12 @@ def init_chunks_from(chunks: list[torch.nn.Module], model: ModelConfig, source: 
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_checkpoint_dir(source)
+    if saved_deepspeed_layout(ckpt) is not None:
+        # Through HF naming: the mapping that slices whole tensors for this rank's layout.
+        state = read_deepspeed_model(ckpt, model)
+        whole = dataclasses.replace(model, vocab_size=state["embedding.word_embeddings.weight"].shape[0])
+        load_hf_into_chunks(chunks, to_hf([(Layout(), state)], whole), model)
+        return
     common = _load_common(ckpt)
     if "model_config" in common:
         _check_same_shape(ModelConfig(**common["model_config"]), model, ckpt)

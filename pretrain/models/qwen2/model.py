@@ -32,16 +32,27 @@ def transformer_config(
     tp: int = 1,
     pp: int = 1,
     vpp: int = 1,
+    cp: int = 1,
     ep: int = 1,
     etp: int | None = None,
     sequence_parallel: bool = False,
     moe_dispatcher: str = "alltoall",
     bf16: bool = False,
+    recompute: str = "none",
+    recompute_modules: tuple[str, ...] = ("core_attn",),
+    recompute_method: str = "uniform",
+    recompute_num_layers: int = 1,
     on_cuda: bool = torch.cuda.is_available(),
 ) -> TransformerConfig:
-    """Map a Qwen2 shape and a parallel layout onto megatron-core's ``TransformerConfig``."""
+    """Map a Qwen2 shape, a parallel layout and activation recompute (``trainer.recompute*``) onto
+    megatron-core's ``TransformerConfig``."""
     moe = {}
     if model.is_moe:
+        # With per-token loss (calculate_per_token_loss, what TrainModule uses) megatron-core 0.16.1 weights
+        # each context-parallel rank's share of the load-balancing and z losses by its own token count,
+        # seq/cp: their gradients came out cp times smaller than in one process (measured: ep2-cp2 vs one
+        # process). Its legacy path multiplies by cp instead; here the coefficients do (logged values are
+        # divided by the same coefficient, so they are unchanged).
         moe = dict(
             num_moe_experts=model.num_experts,
             moe_router_topk=model.moe_topk,
@@ -51,8 +62,8 @@ def transformer_config(
             # Qwen2-MoE: softmax over all experts, then top-k, weights not renormalised (norm_topk_prob=false).
             moe_router_pre_softmax=True,
             moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-            moe_z_loss_coeff=model.moe_z_loss_coeff,
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff * cp,
+            moe_z_loss_coeff=model.moe_z_loss_coeff * cp if model.moe_z_loss_coeff is not None else None,
             moe_router_dtype="fp32",
             moe_token_dispatcher_type=moe_dispatcher,
             moe_grouped_gemm=False,
@@ -75,6 +86,9 @@ def transformer_config(
         init_method_std=model.init_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        # Context parallel: megatron-core slices RoPE and the pipeline buffers per cp rank and reduces
+        # gradients over dp × cp; the attention itself is our SDPAttention (its own needs TransformerEngine).
+        context_parallel_size=cp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp if etp is not None else tp,
@@ -91,8 +105,20 @@ def transformer_config(
         use_cpu_initialization=not on_cuda,
         # gloo matches batched p2p messages in posting order, which corrupts interleaved pipelines.
         batch_p2p_comm=on_cuda,
+        **_recompute_fields(recompute, recompute_modules, recompute_method, recompute_num_layers),
         **moe,
     )
+
+
+def _recompute_fields(recompute: str, modules, method: str, num_layers: int) -> dict:
+    """megatron-core's recompute fields. Both granularities rerun layers through ``tensor_parallel.checkpoint``,
+    which saves and restores the RNG tracker's states (routed to the CPU generator by the CPU seam), so dropout
+    replays identically. Recompute runs in training only: evaluation (eval mode) stores nothing anyway."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(modules))
+    return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=num_layers)
 
 
 def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
