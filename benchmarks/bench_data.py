@@ -4,19 +4,23 @@
     python benchmarks/bench_data.py --repeat 4 --runs 3     # tokenize the corpus 4x over; medians of 3 runs
     python benchmarks/bench_data.py --json                  # one JSON document on stdout
     python benchmarks/bench_data.py --record                # also append a section to benchmarks/RESULTS.md
-    python benchmarks/bench_data.py --docs 50 --no-bpe-qwen --runs 1 --json   # the smoke test's run
+    python benchmarks/bench_data.py --docs 40 --no-bpe-qwen --stage-backends tiktoken --runs 1 --json PATH  # smoke test
 
 1. Tokenization with Qwen2's real vocabulary (``data_pipeline.qwen_vocab``, installed exactly as the pipeline
-   installs it): (a) this project's ``tokenize`` stage, built by ``build_stages`` and run by
-   ``build_executors`` (datatrove ``LocalPipelineExecutor``, 2 tasks on ``--workers`` processes; shards read
-   back); (b) plain HF ``tokenizers`` ``encode_batch`` on the same tokenizer.json, in batches of 1000 like
-   the shard writer (its own rayon threads use every core); (c) ``bpe-qwen`` (PyPI, Rust;
-   ``encode_batch_parallel`` with one thread per core) on a vocab.json/merges.txt written from that
-   tokenizer.json, if it is installed. Token ids are compared document by document, (a) and (c) against
-   (b) (+ the EOS the stage appends), and every mismatch is counted. (a) is given two ways: the stage's
-   wall time (worker start and tokenizer loading included) and its steady rate (tokens over the busiest
-   task's time inside its steps, from datatrove's stats); the ratio to the fastest uses the steady rate.
-   ``--repeat N`` tokenizes the corpus N times over so that the fixed costs weigh less.
+   installs it), every method on every core (``os.cpu_count()``), on the same texts: (a) this project's
+   ``tokenize`` stage, built by ``build_stages`` and run by ``build_executors`` (datatrove
+   ``LocalPipelineExecutor``, ``--workers`` tasks on as many processes; shards read back), once per
+   ``--stage-backends`` engine (``data_pipeline.tokenizer.backend``: bpe_qwen, tiktoken, hf); (b) plain HF
+   ``tokenizers`` ``encode_batch`` on the same tokenizer.json, in batches of 1000 (rayon threads, every core);
+   (c) ``bpe-qwen`` 0.1.5 alone (``encode_batch_parallel``, one thread per core, no routing) on the
+   vocab.json/merges.txt the stage writes; (d) tiktoken ``encode_ordinary`` with Qwen2's ranks and regex in
+   one process per core (it holds the GIL), texts split into byte-balanced contiguous shares. The corpus is
+   NFC already, so normalising (the tokenizer.json's NFC, bpe-qwen's NFC) changes no text and (d)'s lack of
+   it changes no id. Token ids are compared document by document against (b) (+ the EOS the stage appends),
+   and every mismatch is counted. (a) is given two ways: the stage's wall time (worker start and encoder
+   load included) and its steady rate (tokens over the busiest task's time inside its steps: reading,
+   encoding, writing; from datatrove's stats). "Fastest" is the highest median rate among (b), (c), (d);
+   every ratio is to it. ``--repeat N`` tokenizes the corpus N times over so that the fixed costs weigh less.
 2. Filters, one process (KB/s per core of document text read): datatrove's default chain (Gopher
    repetition, Gopher quality, C4, FineWeb; its defaults; spaCy's blank English word tokenizer) and this
    project's chain (``build_filters`` on the default config: the rules only for English or unknown
@@ -30,7 +34,7 @@
 
 Filters and MinHash always run on the corpus once (``--docs`` first documents): repeated copies would be
 exact duplicates for MinHash and would pre-warm the caching tokenizer. Times are medians over ``--runs``;
-within a run the three tokenizers and the filter chains take turns, so the machine's load hits them alike.
+within a run the tokenizers and the filter chains take turns, so the machine's load hits them alike.
 """
 from __future__ import annotations
 
@@ -67,8 +71,10 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="tokenize the corpus N times over")
     p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes for the project's tokenize stage (2 tasks); default: every core")
-    p.add_argument("--no-bpe-qwen", action="store_true", help="skip bpe-qwen even if installed")
+                   help="processes (= tasks) for the project's tokenize stage; default: every core")
+    p.add_argument("--stage-backends", default="bpe_qwen,tiktoken,hf",
+                   help="data_pipeline.tokenizer.backend values to run the stage with, comma-separated")
+    p.add_argument("--no-bpe-qwen", action="store_true", help="skip bpe-qwen (alone and as a stage backend)")
     p.add_argument("--skip", default="", help="sections to skip, comma-separated: tokenize,filters,minhash")
     p.add_argument("--profile", action="store_true", help="cProfile one pass of the project filter chain")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -153,17 +159,17 @@ def read_megatron_shard(prefix: Path) -> list[list[int]]:
     return [tokens[e - n:e].tolist() for n, e in zip(lengths.tolist(), ends.tolist())]
 
 
-def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], workers: int):
-    """(a): the pipeline's own tokenize stage, 2 tasks on ``workers`` processes. Returns run() -> one result."""
+def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], workers: int, backend: str):
+    """(a): the pipeline's own tokenize stage with ``backend``, one task per worker process. Returns run()."""
     from data_pipeline.config import DataPipelineConfig, ExecutorConfig, TokenizerConfig
     from data_pipeline.pipeline import Layout, build_executors, build_stages
 
-    tasks, count = 2, [0]
+    tasks, count = workers, [0]
 
     def run() -> dict:
-        root = cfg_root / f"stage_run{count[0]}"
+        root = cfg_root / f"stage_{backend}_run{count[0]}"
         count[0] += 1
-        cfg = DataPipelineConfig(tokenizer=TokenizerConfig(source="qwen2"), progress=False,
+        cfg = DataPipelineConfig(tokenizer=TokenizerConfig(source="qwen2", backend=backend), progress=False,
                                  executor=ExecutorConfig(tasks=tasks, workers=workers), output_dir=str(root))
         layout = Layout(root)
         _write_task_inputs(layout.kept, records, tasks)
@@ -173,16 +179,23 @@ def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], work
         t0 = time.perf_counter()
         executor.run()
         wall = time.perf_counter() - t0
-        busiest, run_tokens = 0.0, 0
+        busiest, run_tokens, loads, engines = 0.0, 0, [], {}
         for task in range(tasks):
             steps = json.loads((layout.logs("tokenize") / "stats" / f"{task:05d}.json").read_text())
             busiest = max(busiest, sum(s["time_stats"]["total"] for s in steps))
-            run_tokens += sum(s["stats"].get("tokens", {}).get("total", 0) for s in steps)
+            for s in steps:
+                stats = {k: v["total"] if isinstance(v, dict) else v for k, v in s["stats"].items()}
+                run_tokens += stats.get("tokens", 0)
+                loads += [stats["encoder_load_s"]] if "encoder_load_s" in stats else []
+                for key, v in stats.items():
+                    if key.startswith("documents_"):
+                        engines[key.removeprefix("documents_")] = engines.get(key.removeprefix("documents_"), 0) + v
         ids = [d for task in range(tasks) if Path(f"{layout.shards}/{task:05d}_tokens.idx").exists()
                for d in read_megatron_shard(layout.shards / f"{task:05d}_tokens")]
         assert run_tokens == sum(map(len, ids)), (run_tokens, sum(map(len, ids)))
         shutil.rmtree(root)
-        return {"wall_s": wall, "steady_s": busiest, "ids": ids}
+        return {"wall_s": wall, "steady_s": busiest, "ids": ids, "load_s": max(loads, default=0.0),
+                "documents_per_engine": engines}
 
     return run
 
@@ -206,36 +219,90 @@ def hf_runner(tokenizer_json: Path, texts: list[str], batch: int = 1000):
     return load, run
 
 
-def write_bpe_qwen_files(tokenizer_json: Path, folder: Path) -> None:
-    """vocab.json + merges.txt (what bpe-qwen reads) from an HF byte-level BPE tokenizer.json."""
-    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
-    with open(folder / "merges.txt", "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        for m in model["merges"]:
-            f.write((" ".join(m) if isinstance(m, list) else m) + "\n")
+def bpe_qwen_runner(work: Path, texts: list[str], threads: int):
+    """(c): bpe-qwen alone (no routing), from local files only, ``threads`` rayon threads. Returns (load seconds,
+    version, run()), or a reason it is skipped."""
+    from data_pipeline.encoders import BPE_QWEN_VERSION, available, write_bpe_qwen_files
+    from data_pipeline.qwen_vocab import find_qwen_tiktoken
 
+    if reason := available("bpe_qwen"):
+        return reason
+    import bpe_qwen
 
-def bpe_qwen_runner(tokenizer_json: Path, work: Path, texts: list[str]):
-    """(c): bpe-qwen, from local files only. Returns (load seconds, version, run()), or a reason it is skipped."""
-    try:
-        import bpe_qwen
-    except ImportError as exc:
-        return f"not installed ({exc})"
-    folder = work / "bpe_qwen"
-    write_bpe_qwen_files(tokenizer_json, folder)
+    folder = write_bpe_qwen_files(find_qwen_tiktoken(), work / "bpe_qwen")  # the files the stage uses
     t0 = time.perf_counter()
     tok = bpe_qwen.QwenTokenizer(str(folder))
     load = time.perf_counter() - t0
-    threads = os.cpu_count() or 1
 
     def run() -> dict:
         t0 = time.perf_counter()
         out = tok.encode_batch_parallel(texts, threads)
-        return {"wall_s": time.perf_counter() - t0, "ids": [list(x) for x in out]}
+        return {"wall_s": time.perf_counter() - t0, "ids": out}
 
-    return load, getattr(bpe_qwen, "__version__", None) or _dist_version("bpe-qwen"), run
+    return load, BPE_QWEN_VERSION, run
+
+
+_TIKTOKEN = None
+
+
+def _tiktoken_init(path: str) -> None:
+    global _TIKTOKEN
+    from data_pipeline.encoders import _tiktoken_encoding
+
+    _TIKTOKEN = _tiktoken_encoding(path, Path(path).stat().st_mtime_ns)
+
+
+def _tiktoken_chunk(texts: list[str]) -> tuple[list[int], bytes]:
+    """One worker's share: (per-text lengths, int32 ids), compact to send back."""
+    from array import array
+
+    lengths, ids = [], array("i")
+    for text in texts:
+        row = _TIKTOKEN.encode_ordinary(text)
+        lengths.append(len(row))
+        ids.extend(row)
+    return lengths, ids.tobytes()
+
+
+def _balanced_chunks(texts: list[str], n: int) -> list[list[str]]:
+    total, chunks, acc, start = sum(map(len, texts)), [], 0, 0
+    for i, t in enumerate(texts):
+        acc += len(t)
+        if len(chunks) < n - 1 and acc >= total * (len(chunks) + 1) / n:
+            chunks.append(texts[start:i + 1])
+            start = i + 1
+    return chunks + [texts[start:]]
+
+
+def tiktoken_runner(texts: list[str], procs: int):
+    """(d): tiktoken ``encode_ordinary`` (Qwen2's ranks and regex) in ``procs`` processes (it holds the GIL, so
+    threads would not use the cores), each given a contiguous, byte-balanced share. Returns (load s, run(), close)."""
+    import multiprocessing as mp
+    from array import array
+    from concurrent.futures import ProcessPoolExecutor
+
+    from data_pipeline.qwen_vocab import find_qwen_tiktoken
+
+    path = find_qwen_tiktoken()
+    t0 = time.perf_counter()
+    pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"), initializer=_tiktoken_init, initargs=(path,))
+    list(pool.map(_tiktoken_chunk, [[]] * procs))  # start every worker (and load the ranks) before timing
+    load = time.perf_counter() - t0
+    chunks = _balanced_chunks(texts, procs)
+
+    def run() -> dict:
+        t0 = time.perf_counter()
+        parts = list(pool.map(_tiktoken_chunk, chunks))
+        wall = time.perf_counter() - t0
+        ids = []
+        for lengths, raw in parts:
+            flat, at = array("i", raw).tolist(), 0
+            for n in lengths:
+                ids.append(flat[at:at + n])
+                at += n
+        return {"wall_s": wall, "ids": ids}
+
+    return load, run, pool.shutdown
 
 
 def _dist_version(name: str) -> str | None:
@@ -268,6 +335,7 @@ def _mismatches(ref: list[list[int]], other: list[list[int]], texts: list[str], 
 
 def bench_tokenize(args, records: list[dict], work: Path) -> dict:
     from data_pipeline.config import DataPipelineConfig, TokenizerConfig
+    from data_pipeline.encoders import available
     from data_pipeline.pipeline import Layout, install_tokenizer
 
     log("tokenize: installing the Qwen2 tokenizer as the pipeline does (qwen.tiktoken -> tokenizer.json)")
@@ -283,65 +351,81 @@ def bench_tokenize(args, records: list[dict], work: Path) -> dict:
     n_bytes = nbytes(texts)
     eos = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     eos_id = next(t["id"] for t in eos["added_tokens"] if t["content"] == "<|endoftext|>")
+    cores = os.cpu_count() or 1
 
-    log(f"tokenize: {len(texts)} docs, {n_bytes / 1e6:.2f} MB; loading (b) HF and (c) bpe-qwen")
-    hf_load, hf_run = hf_runner(tokenizer_json, texts)
-    stage_run = stage_runner(work, tokenizer_json, rep, args.workers)
-    bq = "--no-bpe-qwen" if args.no_bpe_qwen else bpe_qwen_runner(tokenizer_json, work, texts)
-    runners = {"b": hf_run, "a": stage_run}
-    if not isinstance(bq, str):
-        runners["c"] = bq[2]
+    backends = [b.strip() for b in args.stage_backends.split(",") if b.strip()]
+    skipped = {}
+    for b in list(backends):
+        reason = "--no-bpe-qwen" if b == "bpe_qwen" and args.no_bpe_qwen else available(b)
+        if reason:
+            skipped[f"stage {b}"] = reason
+            backends.remove(b)
+    log(f"tokenize: {len(texts)} docs, {n_bytes / 1e6:.2f} MB; stage backends {backends}; loading the tokenizers")
+    runners, loads = {}, {}
+    for b in backends:
+        runners[f"a_stage_{b}"] = stage_runner(work, tokenizer_json, rep, args.workers, b)
+    loads["b_hf_encode_batch"], runners["b_hf_encode_batch"] = hf_runner(tokenizer_json, texts)
+    bq = "--no-bpe-qwen" if args.no_bpe_qwen else bpe_qwen_runner(work, texts, cores)
+    if isinstance(bq, str):
+        skipped["bpe-qwen alone"] = bq
+    else:
+        loads["c_bpe_qwen"], bq_version, runners["c_bpe_qwen"] = bq
+    loads["d_tiktoken"], runners["d_tiktoken"], close_tiktoken = tiktoken_runner(texts, cores)
     results: dict[str, list[dict]] = {k: [] for k in runners}
     ids: dict[str, list] = {}
-    for run in range(args.runs):  # interleaved, so that the load of the machine hits every method alike
-        for key, fn in runners.items():
-            r = fn()
-            ids.setdefault(key, r.pop("ids"))
-            results[key].append(r)
-            log(f"tokenize run {run + 1}/{args.runs}: ({key}) {r['wall_s']:.2f}s")
-    walls = {k: [r["wall_s"] for r in v] for k, v in results.items()}
-    stage = {"tokens": sum(map(len, ids["a"])), "ids": ids["a"], "wall_s": median(walls["a"]),
-             "wall_s_all": walls["a"], "steady_s_all": [r["steady_s"] for r in results["a"]]}
-    stage["steady_s"] = median(stage["steady_s_all"])
-    hf = {"tokens": sum(map(len, ids["b"])), "ids": ids["b"], "wall_s": median(walls["b"]), "wall_s_all": walls["b"],
-          "load_s": hf_load}
-    if isinstance(bq, str):
-        bq = {"skipped": bq}
-    else:
-        bq = {"tokens": sum(map(len, ids["c"])), "ids": ids["c"], "wall_s": median(walls["c"]),
-              "wall_s_all": walls["c"], "load_s": bq[0], "version": bq[1]}
+    try:
+        for run in range(args.runs):  # interleaved, so that the load of the machine hits every method alike
+            for key, fn in runners.items():
+                r = fn()
+                ids.setdefault(key, r.pop("ids"))
+                results[key].append(r)
+                log(f"tokenize run {run + 1}/{args.runs}: ({key}) {r['wall_s']:.2f}s"
+                    + (f", steady {r['steady_s']:.2f}s, encoder load {r['load_s']:.1f}s" if "steady_s" in r else ""))
+    finally:
+        close_tiktoken()
 
-    rows = {
-        "a_pipeline_stage": {"what": f"this project's tokenize stage ({args.workers} workers, 2 tasks)",
-                             "tokens": stage["tokens"], "seconds": stage["steady_s"],
-                             "wall_s": stage["wall_s"], "seconds_all": stage["steady_s_all"],
-                             "wall_s_all": stage["wall_s_all"]},
-        "b_hf_encode_batch": {"what": "HF tokenizers encode_batch (rayon, all cores)", "tokens": hf["tokens"],
-                              "seconds": hf["wall_s"], "seconds_all": hf["wall_s_all"], "load_s": hf["load_s"]},
-    }
-    if "skipped" not in bq:
-        rows["c_bpe_qwen"] = {"what": f"bpe-qwen {bq['version']} encode_batch_parallel ({os.cpu_count()} threads)",
-                              "tokens": bq["tokens"], "seconds": bq["wall_s"], "seconds_all": bq["wall_s_all"],
-                              "load_s": bq["load_s"]}
+    what = {"b_hf_encode_batch": f"HF tokenizers encode_batch (rayon, {cores} threads)",
+            "d_tiktoken": f"tiktoken {_dist_version('tiktoken')} encode_ordinary ({cores} processes)"}
+    if "c_bpe_qwen" in runners:
+        what["c_bpe_qwen"] = f"bpe-qwen {bq_version} encode_batch_parallel alone ({cores} threads)"
+    rows = {}
+    for key, res in results.items():
+        walls = [r["wall_s"] for r in res]
+        tokens = sum(map(len, ids[key]))
+        if key.startswith("a_"):
+            b = key.removeprefix("a_stage_")
+            steady = [r["steady_s"] for r in res]
+            rows[key] = {"what": f"this project's tokenize stage, backend={b} ({args.workers} workers, "
+                                 f"{args.workers} tasks)", "tokens": tokens, "seconds": median(steady),
+                         "seconds_all": steady, "wall_s": median(walls), "wall_s_all": walls,
+                         "encoder_load_s": median([r["load_s"] for r in res]),
+                         "documents_per_engine": res[0]["documents_per_engine"]}
+        else:
+            rows[key] = {"what": what[key], "tokens": tokens, "seconds": median(walls), "seconds_all": walls,
+                         "load_s": loads[key]}
     for row in rows.values():
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
         row["mb_per_s"] = n_bytes / row["seconds"] / 1e6
-    a = rows["a_pipeline_stage"]
-    a["tokens_per_s_wall"] = a["tokens"] / a["wall_s"]
-    a["mb_per_s_wall"] = n_bytes / a["wall_s"] / 1e6
-    fastest = max(rows.values(), key=lambda r: r["tokens_per_s"])["tokens_per_s"]
-    for row in rows.values():
+    # "fastest": the highest median rate among the tokenizers run alone on the in-memory texts (b, c, d)
+    fastest_key = max((k for k in rows if not k.startswith("a_")), key=lambda k: rows[k]["tokens_per_s"])
+    fastest = rows[fastest_key]["tokens_per_s"]
+    for key, row in rows.items():
         row["ratio_to_fastest"] = row["tokens_per_s"] / fastest
-    a["ratio_to_fastest_wall"] = a["tokens_per_s_wall"] / fastest
+        if key.startswith("a_"):
+            row["tokens_per_s_wall"] = row["tokens"] / row["wall_s"]
+            row["mb_per_s_wall"] = n_bytes / row["wall_s"] / 1e6
+            row["ratio_to_fastest_wall"] = row["tokens_per_s_wall"] / fastest
 
     unique = len(records)  # repeated copies tokenize alike: compare the first copy
-    checks = {"a_vs_b": _mismatches(hf["ids"][:unique], stage["ids"][:unique], texts, languages, append=eos_id)}
-    if "skipped" not in bq:
-        checks["c_vs_b"] = _mismatches(hf["ids"][:unique], bq["ids"][:unique], texts, languages)
+    ref = ids["b_hf_encode_batch"][:unique]
+    checks = {}
+    for key in rows:
+        if key != "b_hf_encode_batch":
+            checks[f"{key}_vs_b"] = _mismatches(ref, ids[key][:unique], texts, languages,
+                                               append=eos_id if key.startswith("a_") else None)
     return {"corpus_docs": len(texts), "corpus_bytes": n_bytes, "repeat": args.repeat, "workers": args.workers,
-            "convert_qwen_tiktoken_s": convert_s, "eos_id": eos_id, "rows": rows, "id_checks": checks,
-            "bpe_qwen": bq if "skipped" in bq else {"load_s": bq["load_s"], "version": bq["version"],
-                                                      "offline": "reads vocab.json/merges.txt from a local folder"}}
+            "cores": cores, "convert_qwen_tiktoken_s": convert_s, "eos_id": eos_id, "rows": rows,
+            "fastest": fastest_key, "id_checks": checks, "skipped": skipped}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -565,26 +649,34 @@ def table(doc: dict) -> str:
     tok = doc.get("tokenize")
     if tok:
         out += [f"### Tokenization, Qwen2 vocabulary ({tok['corpus_docs']} docs, {tok['corpus_bytes'] / 1e6:.2f} MB = "
-                f"corpus x {tok['repeat']}; median of {doc['config']['runs']})", "",
+                f"corpus x {tok['repeat']}; {tok['cores']} cores; median of {doc['config']['runs']})", "",
                 "| method | tokens | s | Mtok/s | MB/s | x fastest |", "|---|---:|---:|---:|---:|---:|"]
         for key, r in tok["rows"].items():
             out.append(f"| ({key[0]}) {r['what']} | {r['tokens']:,} | {_f(r['seconds'])} | "
                        f"{_f(r['tokens_per_s'] / 1e6, 3)} | {_f(r['mb_per_s'])} | {_f(r['ratio_to_fastest'])} |")
             if key.startswith("a_"):
-                out.append(f"| (a) same, stage wall time (worker start + tokenizer load included) | {r['tokens']:,} | "
+                out.append(f"| (a) same, stage wall time (worker start + encoder load included) | {r['tokens']:,} | "
                            f"{_f(r['wall_s'])} | {_f(r['tokens_per_s_wall'] / 1e6, 3)} | {_f(r['mb_per_s_wall'])} | "
                            f"{_f(r['ratio_to_fastest_wall'])} |")
-        if "skipped" in tok["bpe_qwen"]:
-            out.append(f"| (c) bpe-qwen: skipped, {tok['bpe_qwen']['skipped']} | | | | | |")
+        for what, reason in tok["skipped"].items():
+            out.append(f"| {what}: skipped, {reason} | | | | | |")
         out.append("")
-        loads = [f"qwen.tiktoken -> tokenizer.json {_f(tok['convert_qwen_tiktoken_s'], 1)} s",
-                 f"HF tokenizer.json load {_f(tok['rows']['b_hf_encode_batch']['load_s'], 1)} s"]
-        if "c_bpe_qwen" in tok["rows"]:
-            loads.append(f"bpe-qwen load {_f(tok['rows']['c_bpe_qwen']['load_s'], 1)} s")
+        out.append(f"Fastest = ({tok['fastest'][0]}), the highest median rate among the tokenizers run alone on the "
+                   "in-memory texts, (b) to (d), each on every core, tokenizer load excluded; the stage's rate is its "
+                   "busiest task's time inside its steps (reading the task's .jsonl.gz, encoding, writing the "
+                   ".bin/.idx), encoder load excluded.")
+        loads = [f"qwen.tiktoken -> tokenizer.json {_f(tok['convert_qwen_tiktoken_s'], 1)} s"]
+        loads += [f"({k[0]}) load {_f(r['load_s'], 1)} s" for k, r in tok["rows"].items() if "load_s" in r]
+        loads += [f"stage backend={k.removeprefix('a_stage_')} encoder load per task {_f(r['encoder_load_s'], 1)} s"
+                  for k, r in tok["rows"].items() if k.startswith("a_")]
         out.append("Not timed above: " + ", ".join(loads) + ".")
+        for key, r in tok["rows"].items():
+            if key.startswith("a_"):
+                out.append(f"Documents per engine, stage backend={key.removeprefix('a_stage_')} (run 1): "
+                           + ", ".join(f"{e} {n:,}" for e, n in r["documents_per_engine"].items()))
         for key, c in tok["id_checks"].items():
-            out.append(f"Token ids {key.replace('_vs_', ' vs ')}: {c['mismatched_docs']} mismatched of "
-                       f"{c['compared_docs']} docs" + (f" {c['by_language']}" if c["mismatched_docs"] else ""))
+            out.append(f"Token ids ({key[0]}) {key.removesuffix('_vs_b')[2:]} vs (b): {c['mismatched_docs']} mismatched "
+                       f"of {c['compared_docs']} docs" + (f" {c['by_language']}" if c["mismatched_docs"] else ""))
         out.append("")
     fil = doc.get("filters")
     if fil:
@@ -663,8 +755,9 @@ def main(argv=None) -> int:
         work = Path(tmp)
         if "tokenize" not in skip:
             doc["tokenize"] = bench_tokenize(args, records, work / "tok")
-            if doc["tokenize"]["id_checks"]["a_vs_b"]["mismatched_docs"]:
-                failures.append("token ids of the pipeline stage differ from HF encode_batch")
+            for key, check in doc["tokenize"]["id_checks"].items():
+                if key.startswith("a_") and check["mismatched_docs"]:
+                    failures.append(f"token ids of the pipeline stage ({key}) differ from HF encode_batch")
         if "filters" not in skip:
             log("filters")
             doc["filters"] = bench_filters(args, records, work / "filters")

@@ -7,10 +7,11 @@
   regex engines' Unicode versions may disagree on ``\\p{L}``/``\\p{N}``.
 * ``bpe_qwen``: bpe-qwen 0.1.5 (Rust: rust-gems backtracking BPE over the same ranks), ~1.7x ``tiktoken`` per
   core. Its pre-tokenizer is the Qwen2 regex without the ``\\s+(?!\\S)`` lookahead plus repair passes, and
-  those passes are not exact everywhere (from its source and measured: a leading ``'ve...`` merged into one
-  piece, a space donated to a following non-ASCII number, a closing quote merged after whitespace, a
-  trailing run of mixed whitespace split). :func:`bpe_qwen_safe` admits only documents outside those cases;
-  the rest go to ``tiktoken`` (or ``hf``). Its load costs ~10 CPU seconds per process (cached per process).
+  those passes are not exact everywhere (read in its source, and wrong ids measured: a leading ``'ve...``
+  kept in one piece, a space given to a following non-ASCII number, a trailing run of mixed whitespace
+  split; also a quoted word after whitespace kept with its closing quote, where no wrong id was found).
+  :func:`bpe_qwen_safe` admits only documents outside those cases; the rest go to ``tiktoken`` (or ``hf``).
+  Its load costs ~10 CPU seconds per process (cached per process), so 'auto' does not pick it.
 
 With ``parse_special_tokens`` (control-token strings in a document become control tokens), documents that
 contain one go to ``hf``; by default they are plain text for every engine.
@@ -172,6 +173,7 @@ class _Routed:
         self.fallback = fallback
         self.specials = tuple(specials) if parse_special_tokens else ()
         self.docs = 0
+        _suspects()  # built here, with the load, not in the first batch
 
     def takes(self, text: str) -> bool:
         raise NotImplementedError

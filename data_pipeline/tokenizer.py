@@ -162,13 +162,13 @@ class ShardWriter(MegatronDocumentTokenizer):
             resolve_backend,
         )
 
+        t0 = time.perf_counter()
         backend = resolve_backend(self.backend, self.source)
         tiktoken_path = self.tiktoken_path
         if backend != "hf" and tiktoken_path is None:
             from data_pipeline.qwen_vocab import find_qwen_tiktoken
 
             tiktoken_path = find_qwen_tiktoken()
-        t0 = time.perf_counter()
         encoder = build_encoder(backend, tokenizer_path=self.tokenizer_name_or_path, threads=self.threads,
                                 parse_special_tokens=self.parse_special_tokens, specials=self.special_tokens,
                                 tiktoken_path=tiktoken_path, bpe_qwen_folder=self.bpe_qwen_folder,
@@ -183,10 +183,10 @@ class ShardWriter(MegatronDocumentTokenizer):
     def write_tokens(self, data: DocumentsPipeline, filename: str) -> MegatronTokenizedFile:
         from data_pipeline.encoders import documents_per_engine
 
+        encoder = self.encoder  # loaded before the clock runs, like datatrove's tokenizer
         out = MegatronTokenizedFile(self.output_folder, filename, upload_block_size=self.upload_block_size,
                                     token_size=self.token_size)
         eos = self.tokenizer.token_to_id(self.eos_token)
-        encoder = self.encoder  # loaded before the clock runs, like datatrove's tokenizer
         typecode = "i" if self.token_size == 4 else "H"  # native little-endian int32 / uint16, as numpy writes
         for batch in batched(data, self.batch_size):
             with self.track_time(unit="batch"):

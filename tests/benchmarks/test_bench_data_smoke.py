@@ -43,7 +43,7 @@ def report(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--docs", str(DOCS), "--runs", "1",
-         "--no-bpe-qwen", "--json", str(out)],
+         "--no-bpe-qwen", "--stage-backends", "tiktoken", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| method |" in proc.stdout  # the markdown table is printed when the JSON goes to a file
@@ -54,18 +54,23 @@ def test_tokenization_fields_and_ids(report):
     tok = report["tokenize"]
     assert tok["corpus_docs"] == DOCS and _positive(tok["corpus_bytes"])
     rows = tok["rows"]
-    assert set(rows) == {"a_pipeline_stage", "b_hf_encode_batch"}  # bpe-qwen skipped
+    assert set(rows) == {"a_stage_tiktoken", "b_hf_encode_batch", "d_tiktoken"}  # bpe-qwen skipped
+    assert set(tok["skipped"]) == {"bpe-qwen alone"}
     for row in rows.values():
         for key in ("tokens", "seconds", "tokens_per_s", "mb_per_s", "ratio_to_fastest"):
             assert _positive(row[key]), (row["what"], key, row[key])
-    for key in ("wall_s", "tokens_per_s_wall", "mb_per_s_wall", "ratio_to_fastest_wall"):
-        assert _positive(rows["a_pipeline_stage"][key]), key
-    assert max(r["ratio_to_fastest"] for r in rows.values()) == pytest.approx(1.0)
-    # the stage appends one EOS per document
-    assert rows["a_pipeline_stage"]["tokens"] == rows["b_hf_encode_batch"]["tokens"] + DOCS
-    check = tok["id_checks"]["a_vs_b"]
-    assert check["compared_docs"] == DOCS
-    assert check["mismatched_docs"] == 0, check["examples"]
+    stage = rows["a_stage_tiktoken"]
+    for key in ("wall_s", "tokens_per_s_wall", "mb_per_s_wall", "ratio_to_fastest_wall", "encoder_load_s"):
+        assert _positive(stage[key]), key
+    assert sum(stage["documents_per_engine"].values()) == DOCS and stage["documents_per_engine"]["tiktoken"] > 0
+    assert tok["fastest"] in ("b_hf_encode_batch", "d_tiktoken")
+    assert rows[tok["fastest"]]["ratio_to_fastest"] == pytest.approx(1.0)
+    # the stage appends one EOS per document; (d) has the same ids as (b)
+    assert stage["tokens"] == rows["b_hf_encode_batch"]["tokens"] + DOCS == rows["d_tiktoken"]["tokens"] + DOCS
+    for key in ("a_stage_tiktoken_vs_b", "d_tiktoken_vs_b"):
+        check = tok["id_checks"][key]
+        assert check["compared_docs"] == DOCS
+        assert check["mismatched_docs"] == 0, check["examples"]
 
 
 def test_filter_fields_and_identical_decisions(report):

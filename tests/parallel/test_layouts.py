@@ -34,6 +34,7 @@ LR = 1e-3  # large enough that 3 Adam steps move every weight by ~1e-3, far abov
 # ~1e-4 for elements whose gradient is ~eps; eps = 1e-6 bounds it by ~1e-6, well inside the tolerance.
 ADAM_EPS = 1e-6
 FP32_TOL = 1e-5
+Z_LOSS = 0.05  # large enough to move the grad norm by ~25%: a z-loss gradient off by 2x fails by far
 BF16_LOSS_TOL = 2e-2  # bf16 has 8 mantissa bits: losses of ~6 agree to ~0.5% between reduction orders
 
 # name -> (model, parallel layout, precision, world size). "poison" cases run a NaN step between the
@@ -60,6 +61,9 @@ CASES: dict[str, tuple[str, dict, str, int]] = {
     "cp2": ("dense", dict(cp=2), "fp32", 2),
     "ep2-cp2": ("moe", dict(ep=2, cp=2), "fp32", 2),
     "bf16-cp2": ("dense", dict(cp=2), "bf16", 2),
+    # MoE under tp trains only with sequence parallel (megatron-core refuses tp without sp; so does
+    # ParallelConfig.validate). These prove the aux/z-loss coefficients' tp factor (transformer_config).
+    "moe-tp2-sp": ("moe", dict(tp=2, sequence_parallel=True), "fp32", 2),  # experts tp-sharded (etp = tp)
     # 4 ranks
     "tp2-pp2": ("dense", dict(tp=2, pp=2), "fp32", 4),
     "ep2-dp4": ("moe", dict(ep=2), "fp32", 4),
@@ -67,10 +71,13 @@ CASES: dict[str, tuple[str, dict, str, int]] = {
     "tp2-sp-cp2": ("dense", dict(tp=2, cp=2, sequence_parallel=True), "fp32", 4),
     "cp2-dp2": ("dense", dict(cp=2, zero=1), "fp32", 4),
     "pp2-cp2": ("dense", dict(pp=2, cp=2), "fp32", 4),
+    "moe-tp2-sp-ep2": ("moe", dict(tp=2, sequence_parallel=True, ep=2, etp=1), "fp32", 4),  # whole experts
+    "moez-tp2-sp-cp2": ("moez", dict(tp=2, sequence_parallel=True, cp=2), "fp32", 4),  # router tokens in 4 shards
 }
-REFERENCES = {("dense", "fp32"), ("dense", "bf16"), ("moe", "fp32"), ("tied", "fp32")}
+REFERENCES = {("dense", "fp32"), ("dense", "bf16"), ("moe", "fp32"), ("moez", "fp32"), ("tied", "fp32")}
 # The models: "dense" Qwen2 (untied, like 7B/72B), "tied" (input and output embedding shared, like
-# 0.5B/1.5B), "moe" Qwen2-MoE (4 experts, top-2, shared expert).
+# 0.5B/1.5B), "moe" Qwen2-MoE (4 experts, top-2, shared expert), "moez" the same weights trained with a
+# router z-loss (coefficient Z_LOSS; Qwen2-MoE has none) so that its gradient scaling is checked too.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,14 +99,14 @@ def _global_batch(vocab: int) -> list[dict[str, torch.Tensor]]:
     return samples
 
 
-def _job(hf_dir: Path, layout: dict, precision: str, poison: bool):
+def _job(hf_dir: Path, layout: dict, precision: str, poison: bool, z_loss: float | None = None):
     from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig, WandbConfig
     from pretrain.models.qwen2.hf_adapter import HFCheckpoint, model_config_from_hf
     from parallel.config import ParallelConfig
 
     model = model_config_from_hf(HFCheckpoint(hf_dir).config, name="tiny")
     return JobConfig(
-        model=dataclasses.replace(model, init_from=str(hf_dir)),
+        model=dataclasses.replace(model, init_from=str(hf_dir), moe_z_loss_coeff=z_loss),
         data=DataConfig(seq_len=SEQ),
         parallel=ParallelConfig(**layout),
         optim=OptimConfig(lr=LR, eps=ADAM_EPS, warmup_steps=1, weight_decay=0.1, clip_grad=1.0),
@@ -132,8 +139,8 @@ def _run_case(rank: int, world_size: int, name: str, hf_dir: Path) -> dict:
     from pretrain.data import microbatches
     from pretrain.models.qwen2.hf_adapter import Layout, local_state_dict
 
-    _, layout, precision, _ = _case(name)
-    job = _job(hf_dir, layout, precision, poison=name.endswith("poison"))
+    kind, layout, precision, _ = _case(name)
+    job = _job(hf_dir, layout, precision, poison=name.endswith("poison"), z_loss=Z_LOSS if kind == "moez" else None)
     dp = validate_job(job, world_size=world_size)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -205,6 +212,7 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     for seed, kind in enumerate(("dense", "moe", "tied"), start=1):
         dirs[kind] = root / kind
         build_tiny_hf("dense" if kind == "tied" else kind, seed=seed, tied=kind == "tied").save_pretrained(dirs[kind])
+    dirs["moez"] = dirs["moe"]
     return dirs
 
 
@@ -279,7 +287,7 @@ def test_layout_trains_like_one_process(name, request, references):
     if layout.get("cp", 1) > 1:  # the cp ranks of one replica read the same samples: not counted in dp
         model_ranks = layout.get("tp", 1) * layout.get("pp", 1) * layout["cp"]
         assert f"cp={layout['cp']} " in run["mesh"] and f"dp={world_size // model_ranks} " in run["mesh"], run["mesh"]
-    if kind == "moe" and not _is_deepspeed(name):  # router statistics: the same tokens per expert, same aux loss
+    if kind in ("moe", "moez") and not _is_deepspeed(name):  # router statistics: the same tokens per expert, same aux loss
         for s, r in zip(steps, ref["steps"]):
             assert s["extras"]["moe/expert_tokens"] == r["extras"]["moe/expert_tokens"]
             assert s["extras"]["moe/load_balancing_loss"] == pytest.approx(

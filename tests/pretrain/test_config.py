@@ -35,6 +35,7 @@ def test_default_config_composes_to_typed_objects():
         (["parallel=ep2"], 2, "needs a MoE model"),
         (["parallel=ep2", "model=qwen2_moe_tiny", "model.num_experts=3", "model.moe_topk=1"], 2,
          "parallel.ep=2 does not divide the model's 3 experts"),
+        (["parallel=tp2", "model=qwen2_moe_tiny"], 2, "with a MoE model needs parallel.sequence_parallel=true"),
         (["parallel=single", "parallel.zero=2"], 1, "it needs dp >= 2"),
         (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 2, "trainer.global_batch_size=6"),
         (["data.seq_len=2048"], 2, "exceeds model.max_seq_len"),

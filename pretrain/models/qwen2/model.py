@@ -53,6 +53,14 @@ def transformer_config(
         # seq/cp: their gradients came out cp times smaller than in one process (measured: ep2-cp2 vs one
         # process). Its legacy path multiplies by cp instead; here the coefficients do (logged values are
         # divided by the same coefficient, so they are unchanged).
+        # Sequence parallel shards the router's tokens over tp the same way: TopKRouter.
+        # attach_and_log_load_balancing_loss scales each rank's partial loss (already summed over the
+        # tp × cp group by get_tokens_per_expert_and_token_count) by its local seq/(tp·cp) tokens, and
+        # apply_z_loss divides the coefficient by the tp × cp group size before scaling by the local
+        # tokens, so both gradients come out tp·cp times too small. Measured, moe-tp2-sp vs one process:
+        # weights 2.7e-3 apart after 3 steps (grad norm 1e-3 relative) without the tp factor, <1e-5 with
+        # it. (MoE with tp > 1 trains only with sequence parallel: megatron's MoELayer.forward refuses it.)
+        token_shards = cp * (tp if sequence_parallel else 1)
         moe = dict(
             num_moe_experts=model.num_experts,
             moe_router_topk=model.moe_topk,
@@ -62,8 +70,8 @@ def transformer_config(
             # Qwen2-MoE: softmax over all experts, then top-k, weights not renormalised (norm_topk_prob=false).
             moe_router_pre_softmax=True,
             moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=model.moe_aux_loss_coeff * cp,
-            moe_z_loss_coeff=model.moe_z_loss_coeff * cp if model.moe_z_loss_coeff is not None else None,
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff * token_shards,
+            moe_z_loss_coeff=model.moe_z_loss_coeff * token_shards if model.moe_z_loss_coeff is not None else None,
             moe_router_dtype="fp32",
             moe_token_dispatcher_type=moe_dispatcher,
             moe_grouped_gemm=False,
