@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import unicodedata
+from array import array
 from functools import lru_cache
 from pathlib import Path
 
@@ -163,6 +164,9 @@ class HFEncoder:
         self.docs += len(texts)
         return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
+    def encode_batch_int32(self, texts: list[str]) -> list[bytes]:
+        return [array("i", ids).tobytes() for ids in self.encode_batch(texts)]
+
 
 class _Routed:
     """An engine for the documents ``takes`` admits, ``fallback`` for the others (order kept)."""
@@ -181,19 +185,29 @@ class _Routed:
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
 
+    def encode_many_int32(self, texts: list[str]) -> list[bytes]:
+        raise NotImplementedError
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._route(texts, "encode_many", "encode_batch")
+
+    def encode_batch_int32(self, texts: list[str]) -> list[bytes]:
+        """The ids as int32 little-endian bytes, one per text (what a .bin holds; no Python int per token)."""
+        return self._route(texts, "encode_many_int32", "encode_batch_int32")
+
+    def _route(self, texts: list[str], mine_method: str, fallback_method: str) -> list:
         mine = [self.takes(t) and not (self.specials and any(s in t for s in self.specials)) for t in texts]
         if all(mine):
             self.docs += len(texts)
-            return self.encode_many(texts)
+            return getattr(self, mine_method)(texts)
         out: list = [None] * len(texts)
         taken = [i for i, m in enumerate(mine) if m]
-        for i, ids in zip(taken, self.encode_many([texts[i] for i in taken])):
+        for i, ids in zip(taken, getattr(self, mine_method)([texts[i] for i in taken]) if taken else ()):
             out[i] = ids
         others = [i for i, m in enumerate(mine) if not m]
-        for i, ids in zip(others, self.fallback.encode_batch([texts[i] for i in others])):
+        for i, ids in zip(others, getattr(self.fallback, fallback_method)([texts[i] for i in others])):
             out[i] = ids
-        self.docs += len(texts) - len(others)
+        self.docs += len(taken)
         return out
 
 
@@ -231,6 +245,10 @@ class TiktokenEncoder(_Routed):
         encode = self.encoding.encode_ordinary
         return [encode(t) for t in texts]  # its own batch call only adds threads, and it holds the GIL
 
+    def encode_many_int32(self, texts: list[str]) -> list[bytes]:
+        encode = self.encoding.encode_to_numpy  # uint32 = int32 here: ids < 2**31; no special tokens defined
+        return [encode(t).tobytes() for t in texts]
+
 
 _BPE_QWEN: dict = {}
 """Loaded bpe-qwen tokenizers of this process, by qwen.tiktoken file (a load costs ~10 CPU seconds)."""
@@ -256,6 +274,12 @@ class BpeQwenEncoder(_Routed):
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer.encode_batch_parallel(texts, self.threads)
+
+    def encode_many_int32(self, texts: list[str]) -> list[bytes]:
+        if self.threads == 1:  # u32 little-endian straight from Rust (ids < 2**31)
+            encode = self.tokenizer.encode_bytes
+            return [encode(t) for t in texts]
+        return [array("I", ids).tobytes() for ids in self.encode_many(texts)]
 
 
 def write_bpe_qwen_files(tiktoken_path: str, folder: Path) -> Path:

@@ -187,16 +187,17 @@ class ShardWriter(MegatronDocumentTokenizer):
         out = MegatronTokenizedFile(self.output_folder, filename, upload_block_size=self.upload_block_size,
                                     token_size=self.token_size)
         eos = self.tokenizer.token_to_id(self.eos_token)
-        typecode = "i" if self.token_size == 4 else "H"  # native little-endian int32 / uint16, as numpy writes
+        # the bytes numpy would write: little-endian int32 (vocabulary > 65,536) or uint16
+        eos_bytes = array("i" if self.token_size == 4 else "H", [eos]).tobytes()
         for batch in batched(data, self.batch_size):
             with self.track_time(unit="batch"):
-                ids = encoder.encode_batch([doc.text for doc in batch])
-                buf, lengths = array(typecode), []
-                for doc_ids in ids:
-                    buf.extend(doc_ids)
-                    buf.append(eos)
-                    lengths.append(len(doc_ids) + 1)
-                out.bin_file.write(buf.tobytes())
+                texts = [doc.text for doc in batch]
+                if self.token_size == 4:
+                    docs = encoder.encode_batch_int32(texts)
+                else:
+                    docs = [array("H", ids).tobytes() for ids in encoder.encode_batch(texts)]
+                out.bin_file.write(eos_bytes.join(docs) + eos_bytes)
+                lengths = [len(d) // self.token_size + 1 for d in docs]
                 done = len(out.sequence_lengths)
                 out.sequence_lengths.extend(lengths)
                 out.document_indices.extend(range(done + 1, done + len(lengths) + 1))
