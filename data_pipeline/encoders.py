@@ -273,13 +273,15 @@ class BpeQwenEncoder(_Routed):
     takes = staticmethod(bpe_qwen_safe)
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
+        if self.threads == 1:
+            # encode() = NFC + control-token split + encode_regular(); the guard has already established
+            # that NFC changes nothing, and this vocabulary has no control token: ~25% less CPU
+            encode = self.tokenizer.encode_regular
+            return [encode(t) for t in texts]
         return self.tokenizer.encode_batch_parallel(texts, self.threads)
 
     def encode_many_int32(self, texts: list[str]) -> list[bytes]:
-        if self.threads == 1:  # u32 little-endian straight from Rust (ids < 2**31)
-            encode = self.tokenizer.encode_bytes
-            return [encode(t) for t in texts]
-        return [array("I", ids).tobytes() for ids in self.encode_many(texts)]
+        return [array("I", ids).tobytes() for ids in self.encode_many(texts)]  # ids < 2**31: uint32 = int32
 
 
 def write_bpe_qwen_files(tiktoken_path: str, folder: Path) -> Path:

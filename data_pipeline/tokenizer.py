@@ -203,8 +203,8 @@ class ShardWriter(MegatronDocumentTokenizer):
                 out.document_indices.extend(range(done + 1, done + len(lengths) + 1))
                 for n in lengths:
                     self.stat_update("tokens", value=n)
-        for name, docs in documents_per_engine(encoder).items():
-            self.stat_update(f"documents_{name}", value=docs, unit="task")
+        for name, count in documents_per_engine(encoder).items():
+            self.stat_update(f"documents_{name}", value=count, unit="task")
         out.close()
         return out
 

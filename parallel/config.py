@@ -137,12 +137,6 @@ class ParallelConfig:
             if self.cp > 1:
                 what = f"sequence length / parallel.cp = {seq_len} / {self.cp}"
             raise ConfigError(f"{what} is not divisible by parallel.tp={self.tp} (sequence parallel)")
-        if num_experts and self.tp > 1 and not self.sequence_parallel:
-            # megatron-core 0.16.1's MoELayer.forward raises ValueError in the first training step otherwise.
-            raise ConfigError(
-                f"parallel.tp={self.tp} with a MoE model needs parallel.sequence_parallel=true (megatron-core "
-                "trains MoE layers under tensor parallelism only with sequence parallelism)"
-            )
         if self.ep > 1:
             if not num_experts:
                 raise ConfigError(f"parallel.ep={self.ep} needs a MoE model; this model has no experts")

@@ -226,6 +226,12 @@ def validate_job(job: JobConfig, world_size: int) -> int:
             f"parallel.cp={parallel.cp} needs model.attention_backend=sdpa or auto (context-parallel attention); "
             "'local' is megatron-core's DotProductAttention, which has no context parallelism"
         )
+    if model.is_moe and parallel.tp > 1 and not parallel.sequence_parallel:
+        # megatron-core 0.16.1's MoELayer.forward raises ValueError in the first training step otherwise.
+        raise ConfigError(
+            f"parallel.tp={parallel.tp} with a MoE model needs parallel.sequence_parallel=true (megatron-core "
+            "trains MoE layers under tensor parallelism only with sequence parallelism)"
+        )
     if job.data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len={job.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     if trainer.async_save and parallel.zero in (2, 3):

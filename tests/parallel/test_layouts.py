@@ -62,7 +62,7 @@ CASES: dict[str, tuple[str, dict, str, int]] = {
     "ep2-cp2": ("moe", dict(ep=2, cp=2), "fp32", 2),
     "bf16-cp2": ("dense", dict(cp=2), "bf16", 2),
     # MoE under tp trains only with sequence parallel (megatron-core refuses tp without sp; so does
-    # ParallelConfig.validate). These prove the aux/z-loss coefficients' tp factor (transformer_config).
+    # validate_job). These prove the aux/z-loss coefficients' tp factor (transformer_config).
     "moe-tp2-sp": ("moe", dict(tp=2, sequence_parallel=True), "fp32", 2),  # experts tp-sharded (etp = tp)
     # 4 ranks
     "tp2-pp2": ("dense", dict(tp=2, pp=2), "fp32", 4),
