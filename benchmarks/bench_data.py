@@ -675,8 +675,9 @@ def table(doc: dict) -> str:
                 out.append(f"Documents per engine, stage backend={key.removeprefix('a_stage_')} (run 1): "
                            + ", ".join(f"{e} {n:,}" for e, n in r["documents_per_engine"].items()))
         for key, c in tok["id_checks"].items():
-            out.append(f"Token ids ({key[0]}) {key.removesuffix('_vs_b')[2:]} vs (b): {c['mismatched_docs']} mismatched "
-                       f"of {c['compared_docs']} docs" + (f" {c['by_language']}" if c["mismatched_docs"] else ""))
+            name = key.removesuffix("_vs_b")[2:]
+            out.append(f"Token ids ({key[0]}) {name} vs (b): {c['mismatched_docs']} mismatched of {c['compared_docs']} "
+                       "docs" + (f" {c['by_language']}" if c["mismatched_docs"] else ""))
         out.append("")
     fil = doc.get("filters")
     if fil:

@@ -19,7 +19,6 @@ contain one go to ``hf``; by default they are plain text for every engine.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -30,9 +29,6 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-log = logging.getLogger("data_pipeline")
-
-BACKENDS = ("auto", "hf", "tiktoken", "bpe_qwen")
 BPE_QWEN_VERSION = "0.1.5"
 """The bpe-qwen release whose pre-tokenizer :func:`bpe_qwen_safe` was derived from and tested against."""
 

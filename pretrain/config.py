@@ -230,7 +230,7 @@ def validate_job(job: JobConfig, world_size: int) -> int:
         # megatron-core 0.16.1's MoELayer.forward raises ValueError in the first training step otherwise.
         raise ConfigError(
             f"parallel.tp={parallel.tp} with a MoE model needs parallel.sequence_parallel=true (megatron-core "
-            "trains MoE layers under tensor parallelism only with sequence parallelism)"
+            "trains MoE layers under tensor parallelism only with sequence parallelism); e.g. parallel=tp2_sp"
         )
     if job.data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len={job.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")

@@ -18,7 +18,8 @@ from data_pipeline import encoders  # noqa: E402
 from data_pipeline.config import DEFAULT_CORPUS, SPECIAL_TOKENS, TokenizerConfig  # noqa: E402
 from data_pipeline.qwen_vocab import find_qwen_tiktoken, qwen2_tokenizer  # noqa: E402
 
-from test_qwen2_tokenizer import varied_texts  # noqa: E402  (tests/ is not a package: pytest puts this folder on sys.path)
+# tests/ is not a package: pytest puts this folder on sys.path
+from test_qwen2_tokenizer import varied_texts  # noqa: E402
 
 HAS_BPE_QWEN = encoders.available("bpe_qwen") is None
 ENGINES = ["tiktoken", pytest.param("bpe_qwen", marks=pytest.mark.skipif(
@@ -165,6 +166,6 @@ def test_shards_are_byte_identical_across_engines(qwen, tmp_path):
         bin_, idx, stats = shards[backend]
         assert bin_ == hf_bin and idx == hf_idx, backend
         assert stats["tokens"] == hf_stats["tokens"]
-        assert sum(stats[f"documents_{e}"] for e in ("hf", "tiktoken", "bpe_qwen") if f"documents_{e}" in stats) \
-            == len(lines)
+        engines = [e for e in ("hf", "tiktoken", "bpe_qwen") if f"documents_{e}" in stats]
+        assert sum(stats[f"documents_{e}"] for e in engines) == len(lines)
         assert stats[f"documents_{backend}"] > 0.9 * len(lines), stats

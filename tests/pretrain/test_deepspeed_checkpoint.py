@@ -43,12 +43,19 @@ def _train(rank: int, world_size: int, job, run_dir: str) -> None:
     run_job(job, Path(run_dir))
 
 
-def straight_and_killed(tmp_path: Path, shards: Path, zero: int) -> tuple[dict[int, float], Path]:
+def straight_and_killed(tmp_path: Path, shards: Path, *args: str) -> tuple[dict[int, float], Path]:
     """The uninterrupted run's losses, and a CLI run SIGKILLed right after step 5 (checkpoints 2 and 4)."""
-    run_distributed(_train, 2, _job(shards, f"parallel=zero{zero}", *ARGS), str(tmp_path / "straight"), timeout=400)
+    run_distributed(_train, 2, _job(shards, *args), str(tmp_path / "straight"), timeout=400)
     killed = tmp_path / "killed"
-    kill_at_step(killed, shards, 5, f"parallel=zero{zero}", *ARGS)
+    kill_at_step(killed, shards, 5, *args)
     return losses(tmp_path / "straight"), killed
+
+
+def rows(run_dir: Path) -> dict[int, dict]:
+    """Per step, what the trainer state and schedule decide (the last write of a step wins)."""
+    keys = ("loss", "lr", "grad_norm", "skipped_steps", "tokens_seen")
+    lines = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: {k: r[k] for k in keys} for r in lines}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +67,7 @@ def shards(tmp_path_factory) -> Path:
 def zero3(tmp_path_factory, shards) -> dict:
     """ZeRO-3: killed after step 5, its newest checkpoint (step 4) truncated, then resumed by the ranks'
     own ``run()`` (in-process: the CLI path is the ZeRO-2 test's)."""
-    reference, killed = straight_and_killed(tmp_path_factory.mktemp("zero3"), shards, 3)
+    reference, killed = straight_and_killed(tmp_path_factory.mktemp("zero3"), shards, "parallel=zero3", *ARGS)
     ckpts = killed / "checkpoints"
     out = {"reference": reference, "run_dir": killed, "job": _job(shards, "parallel=zero3", *ARGS),
            "newest": Checkpointer(ckpts, 3).latest().name}
@@ -75,7 +82,9 @@ def zero3(tmp_path_factory, shards) -> dict:
 
 @pytest.mark.timeout(900)
 def test_zero2_resume_after_kill9_is_bit_identical_and_other_layouts_are_refused(tmp_path, shards):
-    reference, killed = straight_and_killed(tmp_path, shards, 2)
+    args = ("parallel=zero2", *ARGS, "trainer.inject_nan_steps=[3]")  # a skipped step before the kill
+    straight_and_killed(tmp_path, shards, *args)
+    killed = tmp_path / "killed"
     ckpts = killed / "checkpoints"
     newest = Checkpointer(ckpts, 3).latest()
     assert newest.name == "step_00000004"
@@ -83,7 +92,7 @@ def test_zero2_resume_after_kill9_is_bit_identical_and_other_layouts_are_refused
 
     # DeepSpeed loads ZeRO partitions only at the dp size and stage that wrote them: refused before any
     # process starts, naming both sizes; the checkpoint is left as it is.
-    proc = run(killed, shards, "parallel=zero2", "parallel.dp=4", "trainer.micro_batch_size=2", *ARGS, expect_rc=2)
+    proc = run(killed, shards, *args, "parallel.dp=4", "trainer.micro_batch_size=2", expect_rc=2)
     assert "config error: parallel.zero=2 with parallel.dp=4 cannot resume" in proc.stderr
     assert "DeepSpeed ZeRO-2 saved it at dp=2" in proc.stderr and "Traceback" not in proc.stderr
     for zero, dp, message in ((3, 2, "parallel.zero=3 with parallel.dp=2 cannot resume"),
@@ -91,10 +100,11 @@ def test_zero2_resume_after_kill9_is_bit_identical_and_other_layouts_are_refused
         with pytest.raises(ConfigError, match=re.escape(message)):
             check_resumable(newest, zero=zero, dp=dp)
 
-    run(killed, shards, "parallel=zero2", *ARGS)
-    resumed = losses(killed)
-    assert sorted(resumed) == list(range(1, 9))
-    assert [resumed[s] for s in range(5, 9)] == [reference[s] for s in range(5, 9)]  # bit-identical
+    run(killed, shards, *args)
+    resumed, reference = rows(killed), rows(tmp_path / "straight")
+    assert sorted(resumed) == list(range(1, 9)) and reference[3]["skipped_steps"] == 1
+    # Bit-identical losses and norms; the skipped-step count, tokens seen and LR carried over.
+    assert [resumed[s] for s in range(5, 9)] == [reference[s] for s in range(5, 9)]
     assert sorted(p.name for p in ckpts.iterdir()) == [
         "latest", "step_00000004", "step_00000006", "step_00000008", "zero_to_fp32.py", "zero_to_torch.py"]
     assert (ckpts / "latest").read_text() == "step_00000008" and verify(ckpts / "step_00000008") is None
@@ -165,14 +175,20 @@ def test_zero3_checkpoint_exports_to_hf_with_the_trainers_logits(zero3, tmp_path
     assert abs(_mean_loss(hf_logits, ours["labels"], ours["loss_mask"]) - logged) <= 1e-5
 
 
-def test_deepspeed_readers_unpickle_weights_only(tmp_path):
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))  # a harmless stand-in for os.system
+
+
+def test_deepspeed_readers_unpickle_weights_only(tmp_path, capsys):
     import pickle
 
     from parallel.deepspeed import weights_only_loads
 
     real_load = torch.load
     tampered = tmp_path / "mp_rank_00_model_states.pt"
-    torch.save({"module": {"w": torch.ones(2)}, "payload": Path("/")}, tampered)  # an object outside the allow-list
+    torch.save({"module": {"w": torch.ones(2)}, "payload": _RunsCodeWhenUnpickled()}, tampered)
     with weights_only_loads(), pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         torch.load(tampered, map_location="cpu", weights_only=False)  # as DeepSpeed's readers call it
+    assert "unpickling ran code" not in capsys.readouterr().out
     assert torch.load is real_load
