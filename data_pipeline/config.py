@@ -253,6 +253,12 @@ class TokenizerConfig:
     a ~10 CPU-second load per worker process (worth it from ~20M tokens per task); the documents its
     pre-tokenizer may split wrongly go to tiktoken. 'auto': 'tiktoken' for source='qwen2' when installed,
     else 'hf'. See data_pipeline/encoders.py."""
+    shuffle_documents: bool = True
+    """Write each task's documents to its shard in a seeded random order (as datatrove's DocumentTokenizer
+    does), so that megatron-core's contiguous train/valid/test ranges (data.split) sample the whole task
+    rather than the end of its input. False: input order."""
+    shuffle_seed: int = 1234
+    """Seed of that order; task ``r`` uses ``[shuffle_seed, r]``, so a re-run writes identical shards."""
 
     def __post_init__(self) -> None:
         check_choice("data_pipeline.tokenizer.source", self.source, ("train", "file", "qwen2"))
@@ -273,6 +279,11 @@ class TokenizerConfig:
                 raise ConfigError(f"data_pipeline.tokenizer.vocab_size must be >= {minimum} (256 byte tokens + "
                                   f"{len(self.special_tokens)} special tokens), got {self.vocab_size}")
         _check_min("tokenizer", "min_frequency", self.min_frequency, 1)
+        if not isinstance(self.shuffle_documents, bool):
+            raise ConfigError(f"data_pipeline.tokenizer.shuffle_documents must be true or false, "
+                              f"got {self.shuffle_documents!r}")
+        if isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int) or self.shuffle_seed < 0:
+            raise ConfigError(f"data_pipeline.tokenizer.shuffle_seed must be an integer >= 0, got {self.shuffle_seed!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,7 +5,11 @@ manifest.json (paths relative to its directory)::
     {"tokenizer": "tokenizer.json", "vocab_size": int, "eod_id": int, "dtype": "int32" | "uint16",
      "shards": [{"prefix": "shards/00000_tokens", "documents": int, "tokens": int}],
      "tokenizer_sha256": str, "source": "<input paths, comma-separated>",
-     "sources": [input paths], "documents": int, "tokens": int, "special_tokens": {token: id}, ...}
+     "sources": [input paths], "documents": int, "tokens": int, "special_tokens": {token: id},
+     "shuffled": bool, "shuffle_seed": int | null, ...}
+
+``shuffled``: each shard holds its task's documents in the order
+``data_pipeline.tokenizer.shard_order(documents, shuffle_seed, rank)`` of the task's input (else input order).
 
 It is written last, through a temporary file and a rename: a manifest on disk always points at complete
 shards.
@@ -116,7 +120,7 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def build_manifest(out_dir: Path, *, shard_prefixes: list[str], eos_token: str, source: list[str],
-                   stages: list[StageCounts]) -> tuple[dict, dict]:
+                   stages: list[StageCounts], shuffle_seed: int | None = None) -> tuple[dict, dict]:
     tok_path = out_dir / "tokenizer.json"
     tok = Tokenizer.from_file(str(tok_path))
     shards, dtypes = [], set()
@@ -147,6 +151,8 @@ def build_manifest(out_dir: Path, *, shard_prefixes: list[str], eos_token: str, 
         "tokens": tokens,
         "special_tokens": {t.content: i for i, t in sorted(tok.get_added_tokens_decoder().items()) if t.special},
         "stats": "stats.json",
+        "shuffled": shuffle_seed is not None,
+        "shuffle_seed": shuffle_seed,
     }
     stats = {"stages": [asdict(s) for s in stages], "documents": documents, "tokens": tokens,
              "vocab_size": vocab_size}
@@ -160,19 +166,20 @@ class WriteManifest(PipelineStep):
     type = "💽 - WRITER"
 
     def __init__(self, out_dir: str, *, accounted: list[Accounted], shard_prefixes: list[str], eos_token: str,
-                 source: list[str]) -> None:
+                 source: list[str], shuffle_seed: int | None = None) -> None:
         super().__init__()
         self.out_dir = out_dir
         self.accounted = accounted
         self.shard_prefixes = shard_prefixes
         self.eos_token = eos_token
         self.source = source
+        self.shuffle_seed = shuffle_seed
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         out = Path(self.out_dir)
         stages = collect_counts(self.accounted)
         manifest, stats = build_manifest(out, shard_prefixes=self.shard_prefixes, eos_token=self.eos_token,
-                                         source=self.source, stages=stages)
+                                         source=self.source, stages=stages, shuffle_seed=self.shuffle_seed)
         atomic_write_json(out / "stats.json", stats)
         if not manifest["shards"]:
             raise RuntimeError(f"no document survived the filters and deduplication: nothing to train on "

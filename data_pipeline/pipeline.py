@@ -7,7 +7,8 @@ Stages, in order (each a datatrove pipeline run by one executor; a stage starts 
 3. ``exact_dedup``    drop the duplicates found [-> MinHash signatures]
 4. ``minhash_buckets``, ``minhash_cluster``, ``minhash_dedup``: MinHash LSH near-deduplication
 5. ``train_tokenizer`` byte-level BPE on every kept document (1 task; skipped for a given tokenizer)
-6. ``tokenize``       kept documents -> ``shards/<task>_tokens.{bin,idx}``, EOS after each document
+6. ``tokenize``       kept documents -> ``shards/<task>_tokens.{bin,idx}``, EOS after each document, each
+                      task's documents in a seeded random order (``tokenizer.shuffle_documents``)
 7. ``manifest``       stats.json, then manifest.json (atomic, last)
 
 Every stage logs to ``<output_dir>/logs/<stage>/``; datatrove marks each finished task there, so running the
@@ -179,13 +180,15 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
         ShardWriter(str(layout.shards), str(layout.tokenizer), eos_token=tok.eos_token,
                     parse_special_tokens=tok.parse_special_tokens, backend=tok.backend, source=tok.source,
                     special_tokens=tok.special_tokens, tiktoken_path=tok.tiktoken_path,
-                    bpe_qwen_folder=str(layout.bpe_qwen), threads=threads),
+                    bpe_qwen_folder=str(layout.bpe_qwen), threads=threads,
+                    shuffle_seed=tok.shuffle_seed if tok.shuffle_documents else None),
     ], tasks))
 
     accounted = [Accounted(stage, str(layout.logs(s.name)), step, reason)
                  for s in stages for step, stage, reason in s.accounted]
     stages.append(Stage("manifest", [WriteManifest(
         str(layout.root), accounted=accounted, eos_token=tok.eos_token, source=inputs,
+        shuffle_seed=tok.shuffle_seed if tok.shuffle_documents else None,
         shard_prefixes=[f"shards/{shard_prefix(rank)}" for rank in range(tasks)])], 1))
     return stages
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import time
 from array import array
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.tokens.megatron_tokenizer import MegatronDocumentTokenizer, MegatronTokenizedFile
+from datatrove.pipeline.tokens.megatron_tokenizer import MegatronDocumentTokenizer, get_output_filename
 from datatrove.utils.batching import batched
+from datatrove.utils.logging import logger
 from datatrove.utils.typeshelper import StatHints
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -121,19 +124,63 @@ class TrainBpeTokenizer(PipelineStep):
         yield  # a generator that yields nothing: the last step of its stage
 
 
+_IDX_HEADER = b"MMIDIDX\x00\x00"
+_COPY_BUFFER = 8 << 20  # bytes gathered before each write of the shuffled copy
+
+
+def shard_order(documents: int, seed: int | None, rank: int) -> np.ndarray:
+    """Which input document each position of task ``rank``'s shard holds: ``shard[i]`` is input document
+    ``shard_order(...)[i]`` (the order the task read its documents in). ``seed`` None = input order.
+
+    A seeded permutation of ``documents`` (numpy's PCG64 seeded with ``[seed, rank]``): the same seed, rank
+    and document count give the same order, on any machine and in any re-run.
+    """
+    if seed is None:
+        return np.arange(documents, dtype=np.int64)
+    return np.random.default_rng([seed, rank]).permutation(documents).astype(np.int64)
+
+
+def write_idx(folder, filename: str, lengths: np.ndarray, token_size: int, upload_block_size: int | None) -> None:
+    """``<filename>.idx`` in megatron-core's format (as datatrove's MegatronTokenizedFile writes it, one
+    sequence per document), written to ``<filename>.idx.tmp`` then renamed: an .idx on disk is complete."""
+    lengths = np.asarray(lengths, dtype=np.int32)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+    pointers *= token_size
+    tmp = f"{filename}.idx.tmp"
+    with folder.open(tmp, mode="wb", block_size=upload_block_size) as f:
+        f.write(_IDX_HEADER)
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", 4 if token_size == 4 else 8))  # megatron-core's DType code
+        f.write(struct.pack("<Q", len(lengths)))
+        f.write(struct.pack("<Q", len(lengths) + 1))
+        f.write(lengths.tobytes())
+        f.write(pointers.tobytes())
+        f.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+    folder.mv(tmp, f"{filename}.idx")
+
+
 class ShardWriter(MegatronDocumentTokenizer):
     """datatrove's MegatronDocumentTokenizer (Megatron .bin/.idx per task, EOS appended per document), where a
-    control token written literally inside a document is, by default, tokenized as plain text.
+    control token written literally inside a document is, by default, tokenized as plain text, and the
+    documents are written in a seeded random order (``shuffle_seed``; None = input order).
 
     The ids come from the encoder ``backend`` names (:mod:`data_pipeline.encoders`; 'auto' is resolved here,
     in the task): every engine yields tokenizer.json's ids, so the shards are byte-identical whichever runs.
     A batch is written with one ``write`` (datatrove writes one numpy array per document).
+
+    Shuffling streams: the task writes its tokens in input order to ``<name>.unshuffled.bin`` (no .idx, so
+    nothing reads it as a dataset), then copies the documents in :func:`shard_order` to ``<name>.bin`` and
+    deletes the temporary file; memory holds 8-24 bytes per document (lengths, offsets, permutation), never
+    the tokens. Any stale ``<name>.idx`` is deleted first and the new one is written last (temp + rename), so a
+    task killed mid-way leaves no .bin/.idx pair that looks complete; datatrove redoes the task on resume,
+    and the manifest stage (run only once every task is marked complete) checks the counts.
     """
 
     def __init__(self, output_folder: str, tokenizer_path: str, *, eos_token: str, parse_special_tokens: bool,
                  batch_size: int = 1000, backend: str = "hf", source: str = "train",
                  special_tokens: list[str] = (), tiktoken_path: str | None = None,
-                 bpe_qwen_folder: str | None = None, threads: int = 1) -> None:
+                 bpe_qwen_folder: str | None = None, threads: int = 1, shuffle_seed: int | None = None) -> None:
         super().__init__(output_folder, save_filename=None, tokenizer_name_or_path=tokenizer_path,
                          eos_token=eos_token, batch_size=batch_size)
         self.parse_special_tokens = parse_special_tokens
@@ -143,6 +190,8 @@ class ShardWriter(MegatronDocumentTokenizer):
         self.tiktoken_path = tiktoken_path
         self.bpe_qwen_folder = bpe_qwen_folder
         self.threads = threads
+        self.shuffle_seed = shuffle_seed
+        self._rank = 0
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -153,8 +202,6 @@ class ShardWriter(MegatronDocumentTokenizer):
 
     @cached_property
     def encoder(self):
-        from datatrove.utils.logging import logger
-
         from data_pipeline.encoders import (
             HFEncoder,
             build_encoder,
@@ -180,33 +227,60 @@ class ShardWriter(MegatronDocumentTokenizer):
                     f"documents an engine does not take go to the next), loaded in {load:.1f} s")
         return encoder
 
-    def write_tokens(self, data: DocumentsPipeline, filename: str) -> MegatronTokenizedFile:
+    def write_tokens(self, data: DocumentsPipeline, filename: str) -> array:
+        """Write ``<filename>.bin``/.idx; return the documents' lengths in tokens (EOS included), in input order."""
         from data_pipeline.encoders import documents_per_engine
 
         encoder = self.encoder  # loaded before the clock runs, like datatrove's tokenizer
-        out = MegatronTokenizedFile(self.output_folder, filename, upload_block_size=self.upload_block_size,
-                                    token_size=self.token_size)
+        folder = self.output_folder
+        shuffle = self.shuffle_seed is not None
+        for name in (f"{filename}.idx", f"{filename}.idx.tmp"):  # a stale .idx must never pair with a new .bin
+            if folder.exists(name):
+                folder.rm(name)
+        first = f"{filename}.unshuffled.bin" if shuffle else f"{filename}.bin"
         eos = self.tokenizer.token_to_id(self.eos_token)
         # the bytes numpy would write: little-endian int32 (vocabulary > 65,536) or uint16
         eos_bytes = array("i" if self.token_size == 4 else "H", [eos]).tobytes()
-        for batch in batched(data, self.batch_size):
-            with self.track_time(unit="batch"):
-                texts = [doc.text for doc in batch]
-                if self.token_size == 4:
-                    docs = encoder.encode_batch_int32(texts)
-                else:
-                    docs = [array("H", ids).tobytes() for ids in encoder.encode_batch(texts)]
-                out.bin_file.write(eos_bytes.join(docs) + eos_bytes)
-                lengths = [len(d) // self.token_size + 1 for d in docs]
-                done = len(out.sequence_lengths)
-                out.sequence_lengths.extend(lengths)
-                out.document_indices.extend(range(done + 1, done + len(lengths) + 1))
-                for n in lengths:
-                    self.stat_update("tokens", value=n)
+        lengths = array("q")
+        with folder.open(first, mode="wb", block_size=self.upload_block_size) as out:
+            for batch in batched(data, self.batch_size):
+                with self.track_time(unit="batch"):
+                    texts = [doc.text for doc in batch]
+                    if self.token_size == 4:
+                        docs = encoder.encode_batch_int32(texts)
+                    else:
+                        docs = [array("H", ids).tobytes() for ids in encoder.encode_batch(texts)]
+                    out.write(eos_bytes.join(docs) + eos_bytes)
+                    for d in docs:
+                        n = len(d) // self.token_size + 1
+                        lengths.append(n)
+                        self.stat_update("tokens", value=n)
         for name, count in documents_per_engine(encoder).items():
             self.stat_update(f"documents_{name}", value=count, unit="task")
-        out.close()
-        return out
+        sizes = np.frombuffer(lengths, dtype=np.int64) if lengths else np.zeros(0, dtype=np.int64)
+        order = shard_order(len(sizes), self.shuffle_seed, self._rank)
+        if shuffle:
+            with self.track_time(unit="task"):
+                self._copy_in_order(first, f"{filename}.bin", sizes, order)
+            folder.rm(first)
+        write_idx(folder, filename, sizes[order], self.token_size, self.upload_block_size)
+        return lengths
+
+    def _copy_in_order(self, src: str, dst: str, sizes: np.ndarray, order: np.ndarray) -> None:
+        """Copy the documents of ``src`` (lengths ``sizes``, in tokens) to ``dst`` in ``order``, streaming."""
+        starts = np.zeros(len(sizes), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=starts[1:])
+        starts *= self.token_size
+        nbytes = sizes * self.token_size
+        folder, buf = self.output_folder, bytearray()
+        with folder.open(src, mode="rb") as f, folder.open(dst, mode="wb", block_size=self.upload_block_size) as out:
+            for i in order.tolist():
+                f.seek(int(starts[i]))
+                buf += f.read(int(nbytes[i]))
+                if len(buf) >= _COPY_BUFFER:
+                    out.write(buf)
+                    buf.clear()
+            out.write(buf)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         def counted():
@@ -214,7 +288,14 @@ class ShardWriter(MegatronDocumentTokenizer):
                 self.stat_update(StatHints.total)
                 yield doc
 
-        yield from super().run(counted(), rank, world_size) or ()
+        self._rank = rank
+        prefix = get_output_filename(self.save_filename, rank, "tokens")
+        logger.info(f'Tokenizing in "{prefix}" ('
+                    f'{"input order" if self.shuffle_seed is None else f"shuffled, seed {self.shuffle_seed}"})...')
+        if not len(self.write_tokens(counted(), prefix)):
+            logger.warning("No data saved.")
+        return
+        yield  # a generator that yields nothing: the last step of its stage
 
 
 def shard_prefix(rank: int) -> str:

@@ -51,3 +51,4 @@ def test_yaml_defaults_load_as_typed_config():
     assert dp.output_dir == "outputs/data/default"  # where conf/data/default.yaml points the trainer
     assert dp.tokenizer.special_tokens == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert dp.filters.c4.enabled is False and dp.dedup.minhash.num_buckets == 14
+    assert (dp.tokenizer.shuffle_documents, dp.tokenizer.shuffle_seed) == (True, 1234)

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from common.errors import ConfigError
 from data_pipeline import run_pipeline
 from data_pipeline.testing import read_jsonl_gz, small_config
-from data_pipeline.tokenizer import load_for_encoding
+from data_pipeline.tokenizer import load_for_encoding, shard_order
 
 SPECIAL_TEXT = "A literal <|endoftext|> marker sits in this sentence and must not end the document."
 VOCAB = 1000  # as in conftest.pipeline_run
@@ -82,13 +82,17 @@ def test_shards_hold_exactly_the_tokenizer_ids_plus_eod(pipeline_run):
     tok = load_for_encoding(out / manifest["tokenizer"])
     eod = manifest["eod_id"]
     assert len(manifest["shards"]) == 2
+    assert (manifest["shuffled"], manifest["shuffle_seed"]) == (True, 1234)  # the default
     for rank, shard in enumerate(manifest["shards"]):
         assert shard["prefix"] == f"shards/{rank:05d}_tokens"
         dataset = IndexedDataset(str(out / shard["prefix"]))
         docs = kept_docs(out, rank)
         assert len(dataset) == len(docs) == shard["documents"]
+        # each task's documents in the recorded seeded order, which is not the order the task read them in
+        order = shard_order(len(docs), manifest["shuffle_seed"], rank)
+        assert sorted(order.tolist()) == list(range(len(docs))) != order.tolist()
         total = 0
-        for i, doc in enumerate(docs):
+        for i, doc in enumerate(docs[j] for j in order):
             expected = tok.encode(doc["text"]).ids + [eod]
             got = dataset[i]
             assert got.tolist() == expected, doc["id"]
@@ -129,6 +133,8 @@ def test_manifest_is_the_trainer_contract(pipeline_run):
     assert manifest["tokenizer_sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
     assert manifest["source"] == str(out.parent / "in")
     assert not list(out.glob("*.tmp"))
+    assert sorted(p.name for p in (out / "shards").iterdir()) == \
+        ["00000_tokens.bin", "00000_tokens.idx", "00001_tokens.bin", "00001_tokens.idx"]  # no temporary files
 
 
 def test_rerun_resumes_without_rewriting(pipeline_run, tmp_path):

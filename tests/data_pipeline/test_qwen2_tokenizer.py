@@ -73,6 +73,7 @@ def test_pipeline_with_qwen2_tokenizer_writes_int32_shards(qwen, tmp_path):
     from data_pipeline import run_pipeline
     from data_pipeline.config import DedupConfig, MinhashConfig, TokenizerConfig
     from data_pipeline.testing import no_rule_filters, read_jsonl_gz, small_config, write_corpus
+    from data_pipeline.tokenizer import shard_order
 
     tok, ref, path = qwen
     write_corpus(tmp_path / "in.jsonl", good=10, exact_dups=1)
@@ -83,6 +84,7 @@ def test_pipeline_with_qwen2_tokenizer_writes_int32_shards(qwen, tmp_path):
     assert (m["dtype"], m["vocab_size"], m["eod_id"], m["documents"]) == ("int32", 151646, 151643, 13)
     data = IndexedDataset(str(tmp_path / "out" / m["shards"][0]["prefix"]))
     docs = read_jsonl_gz(tmp_path / "out" / "work" / "kept" / "00000.jsonl.gz")
-    for i, doc in enumerate(docs):
-        assert data[i].tolist() == ref.encode(doc["text"], disallowed_special=()) + [151643]
+    assert m["shuffled"] and len(docs) == len(data) == 13
+    for i, j in enumerate(shard_order(len(docs), m["shuffle_seed"], 0)):
+        assert data[i].tolist() == ref.encode(docs[j]["text"], disallowed_special=()) + [151643]
     assert json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
