@@ -57,8 +57,7 @@ def run(job: JobConfig, run_dir: Path) -> None:
     """Validate, start process groups, train, tear down. Everything a rank does, in order."""
     from parallel.mesh import destroy_distributed, init_distributed, world_size_from_env
 
-    dp = validate_job(job, world_size_from_env())
-    check_run_resumable(run_dir / "checkpoints", zero=job.parallel.zero, dp=dp)
+    validate_job(job, world_size_from_env())  # build_trainer checks the checkpoint it would resume from
     shards = Shards.from_config(job.data)  # a missing data path fails here, before any process group
     mesh = init_distributed(job.parallel, seed=job.trainer.seed)
     try:

@@ -11,7 +11,7 @@ from megatron.core.transformer.module import Float16Module
 from parallel.data import apply_ddp
 from parallel.mesh import Mesh
 from pretrain.callbacks import ConsoleLogger, MetricsFile, Throughput, WandbLogger
-from pretrain.checkpoint import Checkpointer
+from pretrain.checkpoint import Checkpointer, check_resumable
 from pretrain.config import JobConfig
 from pretrain.data import Shards, build_datasets, microbatches
 from pretrain.models.qwen2.flops import flops_per_token
@@ -71,8 +71,13 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
     t = job.trainer
     vocab_size = padded_vocab_size(job.model, shards.vocab_size, job.parallel.tp)
     checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last, async_save=t.async_save)
+    # Collective: rank 0 verifies the checkpoints and every rank gets its choice, so a layout that cannot load
+    # it is refused on every rank alike, before any model is built (cached: resuming does not re-verify it).
+    latest = checkpointer.latest()
+    if latest is not None:
+        check_resumable(latest, zero=job.parallel.zero, dp=mesh.dp)
     # A run that resumes overwrites the weights anyway: skip loading pretrained ones.
-    module = build_train_module(job, vocab_size, init_weights=checkpointer.latest() is None)
+    module = build_train_module(job, vocab_size, init_weights=latest is None)
     valid_samples = t.eval_steps * t.global_batch_size if t.eval_every else 0
     train_set, valid_set = build_datasets(job.data, shards, seed=t.seed, train_samples=t.steps * t.global_batch_size,
                                           valid_samples=valid_samples, cache_dir=str(run_dir / "data_cache"))

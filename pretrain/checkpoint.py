@@ -323,11 +323,12 @@ def check_resumable(path: Path, *, zero: int | None, dp: int) -> None:
 
 
 def check_run_resumable(root: Path, *, zero: int, dp: int) -> None:
-    """Before any process starts: ``check_resumable`` against the run's newest checkpoint, if any (not
-    verified here; the ranks verify what they load, and check again)."""
-    newest = next((p for p in Checkpointer(root, keep_last=1)._candidates() if p.is_dir()), None)
-    if newest is not None:
-        check_resumable(newest, zero=zero, dp=dp)
+    """``check_resumable`` against the checkpoint a resume would load: the newest that verifies
+    (``Checkpointer.latest``, so a damaged newest one is skipped here as it is there). Without a process
+    group it reads the files itself; with one it is collective (rank 0 verifies, every rank gets its choice)."""
+    latest = Checkpointer(root, keep_last=1).latest()
+    if latest is not None:
+        check_resumable(latest, zero=zero, dp=dp)
 
 
 def _materialise_optimizer_state(optimizer) -> None:

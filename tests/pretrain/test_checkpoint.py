@@ -219,3 +219,24 @@ def test_rank0_alone_verifies_and_every_rank_takes_its_fallback(tmp_path):
     victim.write_bytes(victim.read_bytes()[:100])
     ranks = run_distributed(_latest_seen_by_rank, 2, str(tmp_path), timeout=60)
     assert ranks == [("step_00000002", ["step_00000004", "step_00000002"]), ("step_00000002", [])]
+
+
+def test_pre_launch_layout_check_judges_the_checkpoint_a_resume_would_load(tmp_path):
+    """A damaged newest checkpoint is skipped by the pre-launch check as by the Checkpointer: the layout
+    is checked against the fallback it would load (here written by DeepSpeed ZeRO-2 at dp=2)."""
+    from common.errors import ConfigError
+    from pretrain.checkpoint import _file_checksums, check_run_resumable
+
+    for step, layout in ((2, {"zero_stage": 2, "dp": 2}), (4, {"zero_stage": 2, "dp": 4})):
+        ckpt = tmp_path / f"step_{step:08d}"
+        ckpt.mkdir()
+        (ckpt / "deepspeed.json").write_text(json.dumps(layout))
+        (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(1 << 12))
+        (ckpt / "checksums.json").write_text(json.dumps(_file_checksums(ckpt)))
+    (tmp_path / "latest").write_text("step_00000004")
+    check_run_resumable(tmp_path, zero=2, dp=4)  # the intact newest matches
+    victim = tmp_path / "step_00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"parallel\.zero=2 with parallel\.dp=4 cannot resume .*step_00000002"):
+        check_run_resumable(tmp_path, zero=2, dp=4)
+    check_run_resumable(tmp_path, zero=2, dp=2)
