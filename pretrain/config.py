@@ -22,7 +22,7 @@ class DataConfig:
     """Blend weights, one per path (megatron-core's blended dataset); None = proportional to size."""
     seq_len: int = 128
     """Tokens per training sequence."""
-    split: str = "100,0,0"
+    split: str = "98,2,0"
     """Train/validation/test split of the documents, in megatron-core's "a,b,c" form."""
     cache_dir: str | None = None
     """Where megatron-core caches its sample indices; None = ``<run_dir>/data_cache``."""
@@ -132,9 +132,9 @@ class TrainerConfig:
     compile: bool = False
     """torch.compile each transformer layer (MoE: each attention block; megatron's token dispatch is
     data-dependent). Compiles on the first step (tens of seconds)."""
-    eval_every: int = 0
+    eval_every: int = 50
     """Validation loss every N steps and after the last step, on the data.split validation documents; 0 = off."""
-    eval_steps: int = 1
+    eval_steps: int = 4
     """Batches of global_batch_size sequences per evaluation (the same batches every time)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -303,14 +303,14 @@ def test_bad_knob_names_its_field(trainer, field):
         _job({}, trainer, {})
 
 
-@pytest.mark.parametrize("layout, trainer, field", [
-    ({}, dict(recompute="full", recompute_num_layers=3), "trainer.recompute_num_layers=3"),  # 2 layers
-    (dict(pp=2), dict(recompute="full", recompute_num_layers=2), "trainer.recompute_num_layers=2"),  # 1 per stage
-    (dict(zero=3), dict(compile=True), "trainer.compile"),
-    ({}, dict(eval_every=10), "data.split"),  # the dataclass default split "100,0,0" has no validation share
+@pytest.mark.parametrize("layout, trainer, data, field", [
+    ({}, dict(recompute="full", recompute_num_layers=3), {}, "trainer.recompute_num_layers=3"),  # 2 layers
+    (dict(pp=2), dict(recompute="full", recompute_num_layers=2), {}, "trainer.recompute_num_layers=2"),  # 1 per stage
+    (dict(zero=3), dict(compile=True), {}, "trainer.compile"),
+    ({}, dict(eval_every=10), dict(split="100,0,0"), "data.split"),  # no validation share to evaluate on
 ])
-def test_bad_knob_for_the_job_names_its_field(layout, trainer, field):
+def test_bad_knob_for_the_job_names_its_field(layout, trainer, data, field):
     from pretrain.config import validate_job
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        validate_job(_job(layout, trainer, {}), world_size=2)
+        validate_job(_job(layout, trainer, {}, **data), world_size=2)
