@@ -34,6 +34,17 @@ __all__ = ["run_distributed", "free_port"]
 _GRACE_AFTER_FAILURE_S = 3.0
 
 
+def have_deepspeed() -> bool:
+    """Whether DeepSpeed imports; imported (and patched) here, once, so that forked ranks inherit it."""
+    try:
+        from parallel.deepspeed import _import_deepspeed
+
+        _import_deepspeed()
+        return True
+    except ImportError:
+        return False
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it: bind to port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.testing import run_distributed
+from parallel.testing import have_deepspeed, run_distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from qwen2_tiny_hf import build_tiny_hf  # noqa: E402
@@ -188,17 +188,7 @@ def _case(name: str) -> tuple[str, dict, str, int]:
 # --------------------------------------------------------------------------------------------------
 # In the test process
 # --------------------------------------------------------------------------------------------------
-def _have_deepspeed() -> bool:
-    try:
-        from parallel.deepspeed import _import_deepspeed
-
-        _import_deepspeed()  # imported (and patched) once here: the forked ranks inherit it
-        return True
-    except ImportError:
-        return False
-
-
-HAVE_DEEPSPEED = _have_deepspeed()
+HAVE_DEEPSPEED = have_deepspeed()
 
 
 def _is_deepspeed(name: str) -> bool:

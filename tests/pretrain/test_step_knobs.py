@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from parallel.testing import run_distributed
+from parallel.testing import have_deepspeed, run_distributed
 from pretrain.testing import write_learnable_shards
 
 SEQ, GBS, MBS, STEPS, VOCAB = 32, 4, 2, 2, 256
@@ -43,16 +43,6 @@ TWO_RANKS = {
     "ds-zero3": (dict(zero=3), {}, {}),
     "ds-zero3-full": (dict(zero=3), dict(recompute="full"), {}),
 }
-
-
-def _have_deepspeed() -> bool:
-    try:
-        from parallel.deepspeed import _import_deepspeed
-
-        _import_deepspeed()  # imported (and patched) once here: the forked ranks inherit it
-        return True
-    except ImportError:
-        return False
 
 
 def _job(layout: dict, trainer: dict, optim: dict, **data):
@@ -204,7 +194,7 @@ def one_rank(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def two_ranks() -> dict:
-    names = [n for n in TWO_RANKS if not n.startswith("ds-") or _have_deepspeed()]
+    names = [n for n in TWO_RANKS if not n.startswith("ds-") or have_deepspeed()]
     return run_distributed(run_two_ranks, 2, names, timeout=300)[0]  # losses and evals are global: rank 0's
 
 
