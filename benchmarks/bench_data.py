@@ -163,6 +163,7 @@ def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], work
     """(a): the pipeline's own tokenize stage with ``backend``, one task per worker process. Returns run()."""
     from data_pipeline.config import DataPipelineConfig, ExecutorConfig, TokenizerConfig
     from data_pipeline.pipeline import Layout, build_executors, build_stages
+    from data_pipeline.tokenizer import shard_order
 
     tasks, count = workers, [0]
 
@@ -190,8 +191,16 @@ def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], work
                 for key, v in stats.items():
                     if key.startswith("documents_"):
                         engines[key.removeprefix("documents_")] = engines.get(key.removeprefix("documents_"), 0) + v
-        ids = [d for task in range(tasks) if Path(f"{layout.shards}/{task:05d}_tokens.idx").exists()
-               for d in read_megatron_shard(layout.shards / f"{task:05d}_tokens")]
+        # The stage shuffles each task's documents (as shipped): put them back in input order to compare ids.
+        seed = cfg.tokenizer.shuffle_seed if cfg.tokenizer.shuffle_documents else None
+        ids = []
+        for task in range(tasks):
+            if Path(f"{layout.shards}/{task:05d}_tokens.idx").exists():
+                shard = read_megatron_shard(layout.shards / f"{task:05d}_tokens")
+                in_input_order = [None] * len(shard)
+                for source, doc_ids in zip(shard_order(len(shard), seed, task), shard):  # shard[i] = input[order[i]]
+                    in_input_order[source] = doc_ids
+                ids += in_input_order
         assert run_tokens == sum(map(len, ids)), (run_tokens, sum(map(len, ids)))
         shutil.rmtree(root)
         return {"wall_s": wall, "steady_s": busiest, "ids": ids, "load_s": max(loads, default=0.0),

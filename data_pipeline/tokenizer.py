@@ -274,9 +274,18 @@ class ShardWriter(MegatronDocumentTokenizer):
         nbytes = sizes * self.token_size
         folder, buf = self.output_folder, bytearray()
         with folder.open(src, mode="rb") as f, folder.open(dst, mode="wb", block_size=self.upload_block_size) as out:
+            if folder.is_local() and nbytes.sum():
+                # A memory map turns each document into a slice (~0.3 us) instead of a seek + read through
+                # fsspec (~8 us): the copy then costs little next to encoding.
+                source = memoryview(np.memmap(folder.resolve_paths(src), dtype=np.uint8, mode="r"))
+                read = lambda i: source[starts[i]:starts[i] + nbytes[i]]  # noqa: E731
+            else:
+                def read(i):
+                    f.seek(starts[i])
+                    return f.read(nbytes[i])
+            starts, nbytes = starts.tolist(), nbytes.tolist()
             for i in order.tolist():
-                f.seek(int(starts[i]))
-                buf += f.read(int(nbytes[i]))
+                buf += read(i)
                 if len(buf) >= _COPY_BUFFER:
                     out.write(buf)
                     buf.clear()
