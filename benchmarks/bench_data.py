@@ -48,15 +48,17 @@ import os
 import platform
 import pstats
 import shutil
-import statistics
 import struct
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from data_pipeline.encoders import _version as _dist_version  # noqa: E402 - needs ROOT on sys.path
 
 CORPUS = ROOT / "data_pipeline" / "corpus" / "sample.jsonl"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -116,10 +118,6 @@ def documents(records: list[dict]) -> list:
 
 def nbytes(texts) -> int:
     return sum(len(t.encode("utf-8")) for t in texts)
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,7 +188,8 @@ def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], work
                 loads += [stats["encoder_load_s"]] if "encoder_load_s" in stats else []
                 for key, v in stats.items():
                     if key.startswith("documents_"):
-                        engines[key.removeprefix("documents_")] = engines.get(key.removeprefix("documents_"), 0) + v
+                        name = key.removeprefix("documents_")
+                        engines[name] = engines.get(name, 0) + v
         # The stage shuffles each task's documents (as shipped): put them back in input order to compare ids.
         seed = cfg.tokenizer.shuffle_seed if cfg.tokenizer.shuffle_documents else None
         ids = []
@@ -312,15 +311,6 @@ def tiktoken_runner(texts: list[str], procs: int):
         return {"wall_s": wall, "ids": ids}
 
     return load, run, pool.shutdown
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def _mismatches(ref: list[list[int]], other: list[list[int]], texts: list[str], languages: list[str],
@@ -745,8 +735,8 @@ def record(doc: dict, text: str, args) -> None:
 
 
 def _versions() -> str:
-    names = ("datatrove", "tokenizers", "spacy", "bpe-qwen")
-    return ", ".join(f"{n} {_dist_version(n)}" for n in names if _dist_version(n))
+    versions = {n: _dist_version(n) for n in ("datatrove", "tokenizers", "spacy", "bpe-qwen")}
+    return ", ".join(f"{n} {v}" for n, v in versions.items() if v)
 
 
 def main(argv=None) -> int:

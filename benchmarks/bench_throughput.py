@@ -310,6 +310,14 @@ def _recorded_error(exc: BaseException) -> str | None:
     return None
 
 
+def _record_error(exc: BaseException, result: dict) -> None:
+    """Put a :func:`_recorded_error` in ``result`` (with the peak memory); re-raise any other error."""
+    error = _recorded_error(exc)
+    if error is None:
+        raise exc
+    result.update(error=error, peak_memory_gib=_peak_memory())
+
+
 def make_batch(job, args: argparse.Namespace, device) -> list[dict]:
     """Random tokens, ``args.microbatches`` microbatches in the trainer's format, already on ``device``.
 
@@ -397,10 +405,7 @@ def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weight
 
         _measure(step, args, result, counters_before)
     except Exception as exc:  # noqa: BLE001 - record OOM and carry on
-        error = _recorded_error(exc)
-        if error is None:
-            raise
-        result.update(error=error, peak_memory_gib=_peak_memory())
+        _record_error(exc, result)
     finally:
         if module is not None:
             _teardown(module)
@@ -623,10 +628,7 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
         counters_before = _compile_counters() if args.compile else None
         _measure(step, args, result, counters_before)
     except Exception as exc:  # noqa: BLE001 - record OOM and carry on
-        error = _recorded_error(exc)
-        if error is None:
-            raise
-        result.update(error=error, peak_memory_gib=_peak_memory())
+        _record_error(exc, result)
     finally:
         model = opt = master = params = step = None  # noqa: F841
         _free_memory()

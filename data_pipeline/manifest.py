@@ -29,9 +29,8 @@ from datatrove.utils.stats import PipelineStats
 from datatrove.utils.typeshelper import StatHints
 from tokenizers import Tokenizer
 
-from data_pipeline.tokenizer import sha256_of
+from data_pipeline.tokenizer import _IDX_HEADER as _IDX_MAGIC, sha256_of
 
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
 _IDX_DTYPES = {4: "int32", 8: "uint16"}  # megatron-core's DType codes
 
 

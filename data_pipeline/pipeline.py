@@ -171,6 +171,7 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
             TrainBpeTokenizer(str(layout.tokenizer), vocab_size=tok.vocab_size, special_tokens=tok.special_tokens,
                               min_frequency=tok.min_frequency, show_progress=cfg.progress),
         ], 1))
+    shuffle_seed = tok.shuffle_seed if tok.shuffle_documents else None
     if cfg.executor.kind == "local":  # every core: the tasks that run at once share them
         threads = max(1, (os.cpu_count() or 1) // min(cfg.executor.workers, tasks))
     else:
@@ -181,14 +182,14 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
                     parse_special_tokens=tok.parse_special_tokens, backend=tok.backend, source=tok.source,
                     special_tokens=tok.special_tokens, tiktoken_path=tok.tiktoken_path,
                     bpe_qwen_folder=str(layout.bpe_qwen), threads=threads,
-                    shuffle_seed=tok.shuffle_seed if tok.shuffle_documents else None),
+                    shuffle_seed=shuffle_seed),
     ], tasks))
 
     accounted = [Accounted(stage, str(layout.logs(s.name)), step, reason)
                  for s in stages for step, stage, reason in s.accounted]
     stages.append(Stage("manifest", [WriteManifest(
         str(layout.root), accounted=accounted, eos_token=tok.eos_token, source=inputs,
-        shuffle_seed=tok.shuffle_seed if tok.shuffle_documents else None,
+        shuffle_seed=shuffle_seed,
         shard_prefixes=[f"shards/{shard_prefix(rank)}" for rank in range(tasks)])], 1))
     return stages
 
