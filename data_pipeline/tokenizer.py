@@ -8,6 +8,8 @@ are appended after the learned vocabulary.
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import os
 import shutil
@@ -142,7 +144,10 @@ def shard_order(documents: int, seed: int | None, rank: int) -> np.ndarray:
 
 def write_idx(folder, filename: str, lengths: np.ndarray, token_size: int, upload_block_size: int | None) -> None:
     """``<filename>.idx`` in megatron-core's format (as datatrove's MegatronTokenizedFile writes it, one
-    sequence per document), written to ``<filename>.idx.tmp`` then renamed: an .idx on disk is complete."""
+    sequence per document), written to ``<filename>.idx.tmp`` then renamed: an .idx on disk is complete.
+
+    Not datatrove's writer: it takes the lengths of the documents as they come and writes the .idx at once,
+    while a shuffled shard's lengths are known only after the copy, and must be published last."""
     lengths = np.asarray(lengths, dtype=np.int32)
     pointers = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
@@ -268,24 +273,28 @@ class ShardWriter(MegatronDocumentTokenizer):
 
     def _copy_in_order(self, src: str, dst: str, sizes: np.ndarray, order: np.ndarray) -> None:
         """Copy the documents of ``src`` (lengths ``sizes``, in tokens) to ``dst`` in ``order``, streaming."""
-        starts = np.zeros(len(sizes), dtype=np.int64)
-        np.cumsum(sizes[:-1], out=starts[1:])
-        starts *= self.token_size
-        nbytes = sizes * self.token_size
+        nbytes = (sizes * self.token_size).tolist()
+        starts = ((np.cumsum(sizes) - sizes) * self.token_size).tolist()
         folder, buf = self.output_folder, bytearray()
-        with folder.open(src, mode="rb") as f, folder.open(dst, mode="wb", block_size=self.upload_block_size) as out:
-            if folder.is_local() and nbytes.sum():
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(folder.open(dst, mode="wb", block_size=self.upload_block_size))
+            if not sum(nbytes):
+                return  # an empty task: an empty .bin (and np.memmap refuses empty files)
+            if folder.is_local():
                 # A memory map turns each document into a slice (~0.3 us) instead of a seek + read through
                 # fsspec (~8 us): the copy then costs little next to encoding.
                 source = memoryview(np.memmap(folder.resolve_paths(src), dtype=np.uint8, mode="r"))
-                read = lambda i: source[starts[i]:starts[i] + nbytes[i]]  # noqa: E731
+
+                def read(start: int, n: int):
+                    return source[start:start + n]
             else:
-                def read(i):
-                    f.seek(starts[i])
-                    return f.read(nbytes[i])
-            starts, nbytes = starts.tolist(), nbytes.tolist()
+                f = stack.enter_context(folder.open(src, mode="rb"))
+
+                def read(start: int, n: int):
+                    f.seek(start)
+                    return f.read(n)
             for i in order.tolist():
-                buf += read(i)
+                buf += read(starts[i], nbytes[i])
                 if len(buf) >= _COPY_BUFFER:
                     out.write(buf)
                     buf.clear()

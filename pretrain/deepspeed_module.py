@@ -47,8 +47,7 @@ class DeepSpeedTrainModule:
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i, mb in enumerate(microbatches):
             engine.set_gradient_accumulation_boundary(i == len(microbatches) - 1)
-            per_token = engine(mb["tokens"].to(dev), mb["position_ids"].to(dev), None, labels=mb["labels"].to(dev))
-            mb_loss = (per_token.float().reshape(-1) * mb["loss_mask"].to(dev).reshape(-1).float()).sum()
+            mb_loss, _ = self._loss_sum(mb)
             if poison:  # testing hook (trainer.inject_nan_steps)
                 mb_loss = mb_loss * float("nan")
             backward_loss = mb_loss * scale
@@ -85,14 +84,18 @@ class DeepSpeedTrainModule:
             with torch.no_grad():
                 for microbatches in batches:
                     for mb in microbatches:
-                        per_token = engine(mb["tokens"].to(dev), mb["position_ids"].to(dev), None,
-                                           labels=mb["labels"].to(dev))
-                        mask = mb["loss_mask"].to(dev).reshape(-1).float()
-                        totals += torch.stack([(per_token.float().reshape(-1) * mask).sum(), mask.sum()]).to(totals)
+                        totals += torch.stack(self._loss_sum(mb)).to(totals)
         finally:
             engine.train()
         dist.all_reduce(totals)
         return float(totals[0] / totals[1]), int(totals[1])
+
+    def _loss_sum(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One microbatch through the engine: (sum of its masked per-token losses, its loss-mask token count)."""
+        dev = device()
+        per_token = self.engine(mb["tokens"].to(dev), mb["position_ids"].to(dev), None, labels=mb["labels"].to(dev))
+        mask = mb["loss_mask"].to(dev).reshape(-1).float()
+        return (per_token.float().reshape(-1) * mask).sum(), mask.sum()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's tensors under GPTModel names, whole on every rank (collective under ZeRO-3)."""

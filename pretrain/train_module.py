@@ -72,7 +72,7 @@ class TrainModule:
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.moe_stats = moe_stats
-        config.calculate_per_token_loss = True
+        assert config.calculate_per_token_loss  # set by build_train_module before DDP reads it
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
@@ -85,17 +85,7 @@ class TrainModule:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        # Every virtual stage replays the same microbatches through its own iterator.
-        iterators = [iter(microbatches) for _ in self.chunks]
-        reports = self._forward_backward(
-            forward_step_func=partial(_forward_step, poison),
-            data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(microbatches),
-            seq_length=self.seq_len,
-            micro_batch_size=self.micro_batch_size,
-            forward_only=False,
-        )
+        reports = self._run_schedule(microbatches, poison=poison, forward_only=False)
         loss, tokens = _global_loss(reports)
         extras = self.moe_stats.collect(len(microbatches)) if self.moe_stats is not None else {}
         lr = self.optimizer.param_groups[0]["lr"]
@@ -129,20 +119,26 @@ class TrainModule:
         try:
             with torch.no_grad():
                 for microbatches in batches:
-                    iterators = [iter(microbatches) for _ in self.chunks]
-                    reports += self._forward_backward(
-                        forward_step_func=partial(_forward_step, False),
-                        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                        model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-                        num_microbatches=len(microbatches),
-                        seq_length=self.seq_len,
-                        micro_batch_size=self.micro_batch_size,
-                        forward_only=True,
-                    )
+                    reports += self._run_schedule(microbatches, poison=False, forward_only=True)
         finally:
             for chunk in self.chunks:
                 chunk.train()
         return _global_loss(reports)
+
+    def _run_schedule(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool,
+                      forward_only: bool) -> list:
+        """One pass of megatron's pipeline schedule over ``microbatches``; returns the per-microbatch reports."""
+        # Every virtual stage replays the same microbatches through its own iterator.
+        iterators = [iter(microbatches) for _ in self.chunks]
+        return self._forward_backward(
+            forward_step_func=partial(_forward_step, poison),
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(microbatches),
+            seq_length=self.seq_len,
+            micro_batch_size=self.micro_batch_size,
+            forward_only=forward_only,
+        )
 
     def _guard_grad_norm(self) -> None:
         """Abort ``optimizer.step()`` before clipping and updating when the global grad norm is not finite.
