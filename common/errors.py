@@ -9,6 +9,11 @@ class ConfigError(QwenPretrainError, ValueError):
     """A configuration value is invalid; the message names the field (e.g. ``parallel.tp``)."""
 
 
+class DataError(QwenPretrainError):
+    """The input data cannot give what was asked (e.g. no record has text in the configured field); the
+    message names the file or field. Entry points print it as one ``data error: ...`` line, exit status 2."""
+
+
 class TrainingDivergedError(QwenPretrainError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
