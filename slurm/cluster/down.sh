@@ -2,6 +2,7 @@
 # Stop the one-node Slurm cluster that slurm/cluster/up.sh started.
 #
 #   slurm/cluster/down.sh [--purge]
+#   slurm/cluster/down.sh --nodes N [--purge]    (the simulated cluster of up.sh --nodes N: all its nodes)
 #
 # Cancels the jobs still queued or running (their processes would otherwise outlive slurmd), then
 # stops slurmd, slurmctld and munged by their pid files. --purge also deletes the controller state
@@ -9,15 +10,23 @@
 # /etc/slurm stay; running it when nothing is up is fine.
 set -euo pipefail
 
-PURGE=0
-case "${1:-}" in
-  --purge) PURGE=1 ;;
-  "") ;;
-  -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-  *) echo "down.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
-esac
+PURGE=0 MULTINODE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --purge) PURGE=1; shift ;;
+    --nodes) MULTINODE=1; shift 2 ;;
+    --nodes=*) MULTINODE=1; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "down.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
 say() { echo "[slurm down] $*"; }
 [ "$(id -u)" -eq 0 ] || { echo "[slurm down] error: needs root" >&2; exit 1; }
+if [ "$MULTINODE" -eq 1 ]; then
+  "$(dirname "$0")/multinode.sh" down $([ "$PURGE" -eq 1 ] && echo --purge)
+  say "multi-node cluster down"
+  exit 0
+fi
 
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 stop() {  # stop the daemon whose pid file is $1, named $2

@@ -2,6 +2,7 @@
 # Bring up a one-node Slurm cluster on this Debian/Ubuntu machine, without systemd.
 #
 #   slurm/cluster/up.sh [--fake-gpus N] [--cpus N] [--timeout SECONDS] [--force]
+#   slurm/cluster/up.sh --nodes N [--cpus N] [--timeout SECONDS]     (a simulated N-node cluster)
 #
 # Installs slurmctld/slurmd/slurm-client/munge when missing, starts munged, writes slurm.conf and
 # cgroup.conf from `hostname`, `nproc` and the memory of this machine, starts slurmctld and slurmd
@@ -17,12 +18,17 @@
 #                   8-rank-per-node scripts run on a small machine) [SLURM_NODE_CPUS, max(nproc, 8)]
 #   --timeout S     how long to wait for the node to turn idle [SLURM_UP_TIMEOUT, 60]
 #   --force         restart on a configuration change even while jobs are running
+#   --nodes N       (N >= 2) instead: N simulated nodes mn1..mnN on this machine, each in its own network
+#                   namespace (10.250.0.K) with its own host name and slurmd, the controller on mn1;
+#                   its own config, ports, state and job ids, so it runs next to the one-node cluster.
+#                   Run its clients with slurm/cluster/node.sh 1 sbatch|squeue|... (multinode.sh)
 set -euo pipefail
 
 FAKE_GPUS=${SLURM_FAKE_GPUS:-0}
 CPUS=${SLURM_NODE_CPUS:-}
 TIMEOUT=${SLURM_UP_TIMEOUT:-60}
 FORCE=0
+NODES=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --fake-gpus) FAKE_GPUS=$2; shift 2 ;;
@@ -32,7 +38,9 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT=$2; shift 2 ;;
     --timeout=*) TIMEOUT=${1#*=}; shift ;;
     --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --nodes) NODES=$2; shift 2 ;;
+    --nodes=*) NODES=${1#*=}; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "up.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -79,6 +87,11 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   runuser -u munge -- /usr/sbin/munged
   for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
   munge -n | unmunge >/dev/null || die "munged does not answer (see /var/log/munge/munged.log)"
+fi
+
+if [ "$NODES" != 1 ]; then
+  [ "$FAKE_GPUS" -eq 0 ] || die "--fake-gpus is for the one-node cluster, not with --nodes"
+  exec "$(dirname "$0")/multinode.sh" up "$NODES" "$CPUS" "$TIMEOUT"
 fi
 
 # --- configuration ------------------------------------------------------------------------------------
