@@ -10,24 +10,29 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from common.errors import ConfigError
+from common.cli import one_line_errors, to_object
+from common.errors import ConfigError, DataError
 from data_pipeline.config import DataJobConfig, register_configs
 
 log = logging.getLogger("data_pipeline")
 register_configs()
 
 
+@one_line_errors  # Hydra's own config errors: one `config error:` line, exit 2
 @hydra.main(config_path="pkg://conf", config_name="data_job", version_base=None)
 def main(cfg: DictConfig) -> None:
     from data_pipeline.pipeline import run_pipeline
 
     try:
-        job: DataJobConfig = OmegaConf.to_object(cfg)
+        job: DataJobConfig = to_object(cfg)
         summary = run_pipeline(job.data_pipeline)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except DataError as exc:
+        print(f"data error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(summary.table())
 

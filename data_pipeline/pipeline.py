@@ -35,11 +35,13 @@ from datatrove.pipeline.dedup.minhash import (
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import HashConfig
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from data_pipeline.config import DataPipelineConfig
 from data_pipeline.filters import build_filters, word_tokenizer
-from data_pipeline.manifest import Accounted, StageCounts, WriteManifest
-from data_pipeline.readers import StageOutputReader, build_readers, check_inputs
+from data_pipeline.manifest import Accounted, StageCounts, WriteManifest, collect_counts
+from data_pipeline.preflight import check_output_dir
+from data_pipeline.readers import (Source, StageOutputReader, build_readers, check_inputs, check_text_column,
+                                   first_record_fields, resolve_sources)
 from data_pipeline.tokenizer import ShardWriter, TrainBpeTokenizer, shard_prefix
 
 log = logging.getLogger("data_pipeline")
@@ -117,8 +119,9 @@ class Stage:
     """(step index, stage name in stats.json, reason for unlabeled drops) of the steps whose counts we report."""
 
 
-def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> list[Stage]:
-    """The datatrove pipelines of the job, in the order they run (see the module docstring)."""
+def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str], sources: list[Source]) -> list[Stage]:
+    """The datatrove pipelines of the job, in the order they run (see the module docstring). ``sources``:
+    what the readers read (:func:`data_pipeline.readers.resolve_sources` of ``inputs``)."""
     tasks = cfg.executor.tasks
     lang = cfg.filters.text_language
     per_rank = ["filter"] + (["exact_dedup"] if cfg.dedup.exact else []) + \
@@ -127,8 +130,8 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
     out_of = {name: layout.work / name for name in per_rank}
     out_of[per_rank[-1]] = layout.kept
 
-    readers = build_readers(inputs, format=cfg.input.format, text_key=cfg.input.text_key, id_key=cfg.input.id_key,
-                            limit=cfg.input.limit, progress=cfg.progress)
+    readers = build_readers(sources, text_key=cfg.input.text_key, id_key=cfg.input.id_key, limit=cfg.input.limit,
+                            progress=cfg.progress)
     filters = build_filters(cfg.filters, layout.excluded)
     first = Stage("filter", [*readers, *(f for _, f in filters), JsonlWriter(str(out_of["filter"]))], tasks)
     first.accounted = [(i, "read", "other") for i in range(len(readers))]
@@ -185,13 +188,48 @@ def build_stages(cfg: DataPipelineConfig, layout: Layout, inputs: list[str]) -> 
                     shuffle_seed=shuffle_seed),
     ], tasks))
 
-    accounted = [Accounted(stage, str(layout.logs(s.name)), step, reason)
-                 for s in stages for step, stage, reason in s.accounted]
     stages.append(Stage("manifest", [WriteManifest(
-        str(layout.root), accounted=accounted, eos_token=tok.eos_token, source=inputs,
+        str(layout.root), accounted=accounted(stages, layout), eos_token=tok.eos_token, source=inputs,
         shuffle_seed=shuffle_seed,
         shard_prefixes=[f"shards/{shard_prefix(rank)}" for rank in range(tasks)])], 1))
     return stages
+
+
+def accounted(stages: list[Stage], layout: Layout) -> list[Accounted]:
+    """Where the counts of ``stages`` live, in pipeline order."""
+    return [Accounted(name, str(layout.logs(s.name)), step, reason)
+            for s in stages for step, name, reason in s.accounted]
+
+
+def check_survivors(done: list[Stage], layout: Layout, inputs: list[str], sources: list[Source], text_key: str) -> None:
+    """After a per-task stage has run (``done``: it and every stage before it): a DataError when no document
+    is left, naming the cause. A run of the later stages would only fail there, blaming the wrong step."""
+    counts = collect_counts(accounted(done, layout))
+    if not counts or counts[-1].kept:
+        return
+    again = "fix it, then re-run with data_pipeline.overwrite=true"
+    read = counts[0]
+    if read.kept:  # the filters or deduplication dropped every document
+        steps = ", ".join(f"{c.stage} {c.read}->{c.kept}" + (f" ({_reasons(c)})" if c.dropped else "")
+                          for c in counts)
+        raise DataError(f"no document survived the filters and deduplication: {steps}; the dropped documents "
+                        f"are in {layout.excluded}/ (loosen the filters, then re-run with data_pipeline.overwrite=true)")
+    where = ", ".join(inputs)
+    if not read.read:
+        raise DataError(f"the reader found no records in {where} (only blank lines); {again}")
+    if read.dropped.get("missing_text"):
+        fields = first_record_fields(sources)
+        raise DataError(
+            f"the reader found no text in field {text_key!r} (data_pipeline.input.text_key) in any of the "
+            f"{read.read} records of {where} ({_reasons(read)}); "
+            + (f"the first record's fields: {', '.join(fields)}" if fields else "no record is a JSON object")
+            + f"; {again}")
+    raise DataError(f"the reader kept no document of the {read.read} records of {where} ({_reasons(read)}; the "
+                    f"file and line of each in {layout.logs('filter')}/logs/); {again}")
+
+
+def _reasons(counts: StageCounts) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.dropped.items(), key=lambda kv: -kv[1]))
 
 
 def build_executors(cfg: DataPipelineConfig, stages: list[Stage], layout: Layout) -> list:
@@ -340,19 +378,27 @@ class Summary:
 def run_pipeline(cfg: DataPipelineConfig) -> Summary:
     """Run (or resume) the whole job described by ``cfg``; return its counts and manifest.
 
-    Raises ConfigError for a bad input path, tokenizer file or an output directory made by other settings.
+    Raises ConfigError for a bad input path, tokenizer file, an output directory that cannot be written or was
+    made by other settings; DataError (before any work) for a Parquet file without the text column, and (locally,
+    as soon as the stage that dropped them has run) when no document is left.
     """
     inputs = check_inputs(list(cfg.input.paths))
-    layout = Layout(Path(cfg.output_dir))
+    sources = resolve_sources(inputs, cfg.input.format)
+    check_text_column(sources, cfg.input.text_key)
+    layout = Layout(check_output_dir(cfg.output_dir))
     prepare_output(cfg, layout, inputs)
     install_tokenizer(cfg, layout)
-    stages = build_stages(cfg, layout, inputs)
+    stages = build_stages(cfg, layout, inputs, sources)
     executors = build_executors(cfg, stages, layout)
     log.info("data pipeline: %s -> %s (%s)", ", ".join(inputs), layout.root, " -> ".join(s.name for s in stages))
-    executors[-1].run()  # runs (or submits) its dependencies first
     if cfg.executor.kind == "slurm":
+        executors[-1].run()  # submits every stage, each job depending on the one before
         jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
         if not jobs and layout.manifest.exists():  # nothing left to do
             return Summary.load(layout.root)
         return Summary(layout.root, [], None, slurm_jobs=jobs)
+    for i, (stage, executor) in enumerate(zip(stages, executors)):
+        executor.run()  # its dependency already ran; finished tasks are skipped
+        if stage.accounted:
+            check_survivors(stages[:i + 1], layout, inputs, sources, cfg.input.text_key)
     return Summary.load(layout.root)

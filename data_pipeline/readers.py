@@ -1,67 +1,110 @@
 """Readers: datatrove's JSONL/Parquet readers, plus the accounting this pipeline needs.
 
-datatrove's readers skip a line that is not JSON, or a record without text, with one warning and no count.
-Here every input record is counted: ``total`` = ``forwarded`` + ``dropped``, with ``dropped_bad_json`` and
-``dropped_missing_text`` as reasons (the same stat names datatrove's filters use), so the read stage
-conserves counts like every other stage.
+datatrove's readers skip a line that is not JSON, or a record without text, with one warning and no count,
+and a line that is not UTF-8 ends the whole task. Here every input record is counted: ``total`` =
+``forwarded`` + ``dropped``, with ``dropped_bad_json``, ``dropped_bad_encoding`` and ``dropped_missing_text``
+as reasons (the same stat names datatrove's filters use), so the read stage conserves counts like every
+other stage. Each file's drops are logged once, at the end of the file, with the first line (or row) that
+had each problem.
+
+Before any work starts, :func:`resolve_sources` turns the input paths into one reader source per format
+found (``format=auto`` looks for both in a directory) and :func:`check_text_column` reads every Parquet
+file's schema, so a wrong ``text_key`` is one ``data error`` rather than a run that keeps nothing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from datatrove.data import DocumentsPipeline
+from datatrove.io import get_datafolder
 from datatrove.pipeline.readers import JsonlReader, ParquetReader
 from datatrove.utils.logging import logger
 from datatrove.utils.typeshelper import StatHints
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
+
+GLOBS = {"jsonl": "**/*.jsonl*", "parquet": "**/*.parquet"}
+"""The files of each format a directory input is read from, at any depth (``*.jsonl*``: also .gz/.zst)."""
 
 
 class _CountingMixin:
-    """Counts each record a reader parses, and why one yields no document."""
+    """Counts each record a reader parses, and why one yields no document; logs each file's drops once."""
+
+    def read_file(self, filepath: str):
+        self._issues: dict[str, list] = {}  # reason -> [count, where the first was, what was wrong]
+        self._records_in_file = 0
+        try:
+            yield from self._read_records(filepath)
+        finally:  # also when the reader stops early (input.limit)
+            for reason, (n, where, detail) in self._issues.items():
+                logger.warning(f"{self.data_folder.resolve_paths(filepath)}: {n} record(s) dropped as {reason} "
+                               f"(first at {where}: {detail})")
+
+    def _read_records(self, filepath: str):
+        return super().read_file(filepath)  # datatrove's reader, which calls get_document_from_dict per record
 
     def get_document_from_dict(self, data, source_file, id_in_file):
         self.stat_update(StatHints.total)
+        self._records_in_file += 1
         if not isinstance(data, dict):
-            self._drop("bad_json")
+            self._drop("bad_json", id_in_file, f"a JSON {type(data).__name__}, not an object")
             return None
         text = data.get(self.text_key)
         if not isinstance(text, str) or not text:
-            self._drop("missing_text")
+            found = "absent" if self.text_key not in data else "empty" if text == "" else type(text).__name__
+            self._drop("missing_text", id_in_file, f"field {self.text_key!r} is {found}; {_fields(data)}")
             return None
         document = super().get_document_from_dict(data, source_file, id_in_file)
         self.stat_update(StatHints.forwarded)
         return document
 
-    def _drop(self, reason: str) -> None:
+    def _where(self, id_in_file) -> str:
+        return f"record {self._records_in_file}"
+
+    def _drop(self, reason: str, id_in_file, detail: str) -> None:
         self.stat_update(StatHints.dropped, f"dropped_{reason}")
+        issue = self._issues.setdefault(reason, [0, self._where(id_in_file), detail])
+        issue[0] += 1
 
 
 class CountingJsonlReader(_CountingMixin, JsonlReader):
-    """JsonlReader that counts, rather than only logs, undecodable lines. Blank lines are not records."""
+    """JsonlReader that counts, rather than only logs, undecodable lines, and keeps reading after a line
+    that is not UTF-8 (it reads bytes and decodes line by line). Blank lines are not records."""
 
-    def read_file(self, filepath: str):
+    def _read_records(self, filepath: str):
         import orjson
 
-        with self.data_folder.open(filepath, "r", compression=self.compression) as f:
+        with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
             for line_no, line in enumerate(f):
                 if not line.strip():
                     continue
                 with self.track_time():
                     try:
-                        data = orjson.loads(line)
+                        data = orjson.loads(line)  # bytes: orjson checks the UTF-8 itself
                     except orjson.JSONDecodeError as exc:
                         self.stat_update(StatHints.total)
-                        self._drop("bad_json")
-                        logger.warning(f"{filepath}:{line_no + 1}: not JSON ({exc}); skipped")
+                        self._records_in_file += 1
+                        try:
+                            line.decode("utf-8")
+                        except UnicodeDecodeError as bad:
+                            self._drop("bad_encoding", line_no, f"not UTF-8: {bad.reason} at byte {bad.start}")
+                        else:
+                            self._drop("bad_json", line_no, f"not JSON: {exc}")
                         continue
                     document = self.get_document_from_dict(data, filepath, line_no)
                 if document:
                     yield document
 
+    def _where(self, id_in_file) -> str:
+        return f"line {id_in_file + 1}"
+
 
 class CountingParquetReader(_CountingMixin, ParquetReader):
     """ParquetReader that counts rows without text."""
+
+    def _where(self, id_in_file) -> str:
+        return f"row {self._records_in_file}"
 
 
 class StageOutputReader(JsonlReader):
@@ -92,27 +135,100 @@ class StageOutputReader(JsonlReader):
             yield doc
 
 
-def _format_of(path: str, format: str) -> str:
-    if format != "auto":
-        return format
-    return "parquet" if path.endswith((".parquet", ".pq")) else "jsonl"
+def _fields(record: dict) -> str:
+    names = list(map(str, record))
+    return f"fields present: {', '.join(names[:12]) + (', ...' if len(names) > 12 else '') or 'none'}"
 
 
-def build_readers(paths: list[str], *, format: str, text_key: str, id_key: str, limit: int,
-                  progress: bool) -> list:
-    """One reader per input path: a file, or a directory (its ``*.jsonl*`` or ``*.parquet`` files, recursively).
-    Readers chain in a pipeline: each reads its share of its own files in every task."""
-    readers = []
-    for path in paths:
-        p = Path(path)
-        folder, glob = (str(p.parent), p.name) if p.is_file() else (str(p), None)
-        kind = _format_of(path, format)
-        cls = CountingParquetReader if kind == "parquet" else CountingJsonlReader
-        if glob is None:  # a directory: its files of that format, at any depth
-            glob = "**/*.parquet" if kind == "parquet" else "**/*.jsonl*"
-        readers.append(cls(folder, glob_pattern=glob, text_key=text_key, id_key=id_key, limit=limit,
-                           doc_progress=progress))
-    return readers
+@dataclass(frozen=True)
+class Source:
+    """What one reader reads: ``glob`` under ``folder`` (for a single file, its name), as ``kind``."""
+
+    folder: str
+    glob: str
+    kind: str
+    """'jsonl' or 'parquet'."""
+
+
+def _split(path: str) -> tuple[str, str]:
+    folder, _, name = path.rstrip("/").rpartition("/")
+    return folder or "/", name
+
+
+def resolve_sources(paths: list[str], format: str) -> list[Source]:
+    """The readers' sources for checked input paths (:func:`check_inputs`). A file is read as ``format``
+    ('auto': Parquet for .parquet/.pq, else JSONL). A directory is read as every file of ``format`` under it
+    (``GLOBS``); 'auto' looks for both formats, one source each. A directory without such files is a
+    ConfigError that says which files were looked for."""
+    sources = []
+    for i, path in enumerate(paths):
+        folder = get_datafolder(path)
+        if folder.fs.isfile(folder.path):
+            kind = format if format != "auto" else "parquet" if path.endswith((".parquet", ".pq")) else "jsonl"
+            sources.append(Source(*_split(path), kind))
+            continue
+        kinds = ("jsonl", "parquet") if format == "auto" else (format,)
+        found = [Source(path, GLOBS[k], k) for k in kinds if folder.list_files(recursive=True, glob_pattern=GLOBS[k])]
+        if not found:
+            sample = sorted(folder.list_files(recursive=True))[:3]
+            raise ConfigError(
+                f"data_pipeline.input.paths[{i}]={path!r} holds no "
+                f"{' or '.join(kinds)} files (data_pipeline.input.format={format!r} looked for "
+                f"{' and '.join(GLOBS[k].removeprefix('**/') for k in kinds)} at any depth"
+                + (f"; it holds e.g. {', '.join(sample)}" if sample else "") + ")")
+        sources += found
+    return sources
+
+
+def check_text_column(sources: list[Source], text_key: str) -> None:
+    """Every Parquet file has a column ``text_key`` (its schema says so from the footer, without reading
+    rows); otherwise every row would be dropped as missing text. DataError naming the file and its columns."""
+    import pyarrow.parquet as pq
+
+    for source in sources:
+        if source.kind != "parquet":
+            continue
+        folder = get_datafolder(source.folder)
+        for name in folder.list_files(recursive=True, glob_pattern=source.glob):
+            with folder.open(name, "rb") as f:
+                try:
+                    columns = pq.read_schema(f).names
+                except Exception as exc:  # pyarrow raises ArrowInvalid (and others) for a file that is not Parquet
+                    raise DataError(f"{folder.resolve_paths(name)} is not a readable Parquet file: {exc}") from exc
+            if text_key not in columns:
+                raise DataError(
+                    f"the reader found no text column {text_key!r} (data_pipeline.input.text_key) in "
+                    f"{folder.resolve_paths(name)}: its columns are {', '.join(columns) or 'none'}")
+
+
+def first_record_fields(sources: list[Source], *, max_lines: int = 1000) -> list[str]:
+    """The field names a user could give as ``text_key``: the columns of the first Parquet file, or the keys of
+    the first JSON object in the first JSONL file (within ``max_lines`` lines). [] if none is found."""
+    import orjson
+    import pyarrow.parquet as pq
+
+    for source in sources:
+        folder = get_datafolder(source.folder)
+        for name in folder.list_files(recursive=True, glob_pattern=source.glob)[:1]:
+            if source.kind == "parquet":
+                with folder.open(name, "rb") as f:
+                    return pq.read_schema(f).names
+            with folder.open(name, "rb", compression="infer") as f:
+                for _, line in zip(range(max_lines), f):
+                    try:
+                        data = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(data, dict):
+                        return list(map(str, data))
+    return []
+
+
+def build_readers(sources: list[Source], *, text_key: str, id_key: str, limit: int, progress: bool) -> list:
+    """One reader per source. Readers chain in a pipeline: each reads its share of its own files in every task."""
+    classes = {"jsonl": CountingJsonlReader, "parquet": CountingParquetReader}
+    return [classes[s.kind](s.folder, glob_pattern=s.glob, text_key=text_key, id_key=id_key, limit=limit,
+                            doc_progress=progress) for s in sources]
 
 
 def check_inputs(paths: list[str]) -> list[str]:
