@@ -36,7 +36,8 @@ class InputConfig:
     """Input files or directories (a directory: its ``*.jsonl*`` / ``*.parquet`` files at any depth); relative
     paths are taken from the current directory. Default: the sample corpus shipped in ``data_pipeline/corpus/``."""
     format: str = "auto"
-    """'jsonl' (optionally .gz/.zst), 'parquet', or 'auto' (from each path's extension; a directory = jsonl)."""
+    """'jsonl' (optionally .gz/.zst), 'parquet', or 'auto': a file by its extension (.parquet/.pq, else JSONL), a
+    directory by what it holds (its ``*.jsonl*`` and ``*.parquet`` files at any depth, both if both are there)."""
     text_key: str = "text"
     """Field holding the document text."""
     id_key: str = "id"
