@@ -28,7 +28,7 @@ def check_output_dir(output_dir: str) -> Path:
         with tempfile.TemporaryFile(dir=root):
             pass
     except OSError as exc:
-        raise ConfigError(f"{field} is not writable: {exc.strerror or exc} ({exc.filename or root})") from exc
+        raise ConfigError(f"{field} cannot be written: {exc.strerror or exc} ({exc.filename or root})") from exc
     return root
 
 

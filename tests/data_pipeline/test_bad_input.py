@@ -112,6 +112,14 @@ def test_folder_without_input_files_says_what_was_looked_for(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys (read-only for every user, root too)")
+def test_output_dir_that_cannot_be_written(tmp_path):
+    write_corpus(tmp_path / "in.jsonl", good=3, exact_dups=0)
+    with pytest.raises(ConfigError, match=r"^data_pipeline.output_dir='/sys/qwen-pretrain-probe/out' cannot be "
+                                          r"written: .* \(/sys/qwen-pretrain-probe\)$"):
+        run_pipeline(fast_config([tmp_path / "in.jsonl"], "/sys/qwen-pretrain-probe/out"))
+
+
 # -- through the CLI: exit status 2, one line, no manifest ---------------------------------------------------
 
 def cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
