@@ -183,11 +183,11 @@ def resolve_sources(paths: list[str], format: str) -> list[Source]:
 def check_text_column(sources: list[Source], text_key: str) -> None:
     """Every Parquet file has a column ``text_key`` (its schema says so from the footer, without reading
     rows); otherwise every row would be dropped as missing text. DataError naming the file and its columns."""
-    import pyarrow.parquet as pq
-
     for source in sources:
         if source.kind != "parquet":
             continue
+        import pyarrow.parquet as pq  # only for Parquet input
+
         folder = get_datafolder(source.folder)
         for name in folder.list_files(recursive=True, glob_pattern=source.glob):
             with folder.open(name, "rb") as f:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from data_pipeline import run_pipeline
 from data_pipeline.config import DedupConfig, InputConfig, MinhashConfig
 from data_pipeline.testing import RULE_FILTERS, no_rule_filters, prose, read_jsonl_gz, small_config, write_corpus
@@ -110,6 +110,14 @@ def test_folder_without_input_files_says_what_was_looked_for(tmp_path):
                                           r"for \*\.parquet"):
         run_pipeline(fast_config([tmp_path / "in"], tmp_path / "out", format="parquet"))
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_corrupt_parquet_file_is_named_before_any_work(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.parquet").write_bytes(b"PAR1 but not really a parquet file")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'in' / 'broken.parquet'} is not a readable Parquet file: "):
+        run_pipeline(fast_config([tmp_path / "in"], tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys (read-only for every user, root too)")
