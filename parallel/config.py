@@ -34,6 +34,10 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduction with the backward pass (GPU runs)."""
     offload_optimizer: bool = False
     """ZeRO-Offload: keep the fp32 master weights and Adam moments in CPU memory and step there (zero 2/3 only)."""
+    timeout_s: int = 600
+    """Seconds a collective (and the process-group setup) waits for the other ranks before the rank fails:
+    the bound on a hang when a node stops answering. Longer than the slowest legitimate wait (a checkpoint
+    save, a first-step compile); Slurm's node timeout usually ends a job on a lost node sooner."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "vpp", "ep"):
@@ -48,6 +52,8 @@ class ParallelConfig:
             raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1 (it shards over the tensor-parallel group)")
         if self.vpp > 1 and self.pp == 1:
             raise ConfigError(f"parallel.vpp={self.vpp} needs parallel.pp > 1 (virtual stages interleave a pipeline)")
+        if not isinstance(self.timeout_s, int) or self.timeout_s < 1:
+            raise ConfigError(f"parallel.timeout_s must be an integer >= 1 (seconds), got {self.timeout_s!r}")
         check_choice("parallel.zero", self.zero, (0, 1, 2, 3))
         check_choice("parallel.moe_dispatcher", self.moe_dispatcher, ("alltoall", "allgather"))
         if self.zero in (2, 3) and (self.tp > 1 or self.pp > 1 or self.ep > 1 or self.cp > 1):

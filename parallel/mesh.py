@@ -67,7 +67,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(parallel: ParallelConfig, *, seed: int, timeout_minutes: int = 10) -> Mesh:
+def init_distributed(parallel: ParallelConfig, *, seed: int) -> Mesh:
     """Start the default process group and megatron-core's model-parallel groups for ``parallel``.
 
     Validate the layout (``pretrain.config.validate_job``) before calling this: errors here come from
@@ -84,7 +84,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int, timeout_minutes: in
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(seconds=parallel.timeout_s),
         )
     from parallel.cpu_seam import apply_cpu_seam, model_parallel_seed
 
@@ -96,7 +96,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int, timeout_minutes: in
         virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp or parallel.tp,
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=parallel.timeout_s / 60,
     )
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     # As Megatron-LM: one seed per pipeline stage (stages hold different layers), the same on every

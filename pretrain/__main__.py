@@ -88,6 +88,8 @@ def main(cfg: DictConfig) -> None:
             job.trainer.run_name = f"{job.trainer.run_name}-{hydra_cfg.job.num}"
             sweep_overrides = [f"trainer.wandb.group={job.trainer.wandb.group}",
                                f"trainer.run_name={job.trainer.run_name}"]
+            for override in sweep_overrides:  # resolved_config.yaml shows the names this point used
+                OmegaConf.update(cfg, *override.split("=", 1))
         nproc = job.parallel.local_world_size
         if "RANK" not in os.environ and nproc > 1:
             dp = validate_job(job, nproc)  # refuse a bad layout before starting any process

@@ -1,7 +1,9 @@
-"""A real one-node Slurm cluster for the tests in this folder, started by slurm/cluster/up.sh.
+"""Real Slurm clusters for the tests in this folder, started by slurm/cluster/up.sh: the one-node cluster
+(``slurm``) and the simulated 2-node cluster of ``up.sh --nodes 2`` (``multinode``), whose commands run
+inside node 1 through slurm/cluster/node.sh.
 
-The cluster stays up after the tests (up.sh is idempotent: the next session finds it in about a
-second); slurm/cluster/down.sh stops it. Jobs wait on `scontrol show job -o` (no accounting here).
+The clusters stay up after the tests (up.sh is idempotent: the next session finds them in about a
+second); slurm/cluster/down.sh [--nodes 2] stops them. Jobs wait on `scontrol show job -o` (no accounting here).
 """
 from __future__ import annotations
 
@@ -18,45 +20,59 @@ from pretrain.testing import write_learnable_shards
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_GPUS = 2
+MULTINODE_NODES = 2
+NODE_SH = REPO / "slurm" / "cluster" / "node.sh"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE"}
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> int:
-    """Start (or find) the local cluster; returns its number of placeholder GPUs. Skips only where Slurm cannot run."""
+def start_cluster(*options: str) -> None:
+    """slurm/cluster/up.sh with ``options``; skips only where Slurm cannot run, fails otherwise."""
     up = REPO / "slurm" / "cluster" / "up.sh"
     try:
-        proc = subprocess.run([str(up), "--fake-gpus", str(FAKE_GPUS)], capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([str(up), *options], capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"slurm/cluster/up.sh did not finish in 300 s: {exc.stdout!r} {exc.stderr!r}")
     if proc.returncode != 0:
         output = (proc.stdout + proc.stderr)[-2000:]
         if shutil.which("sinfo") is None:
             pytest.skip(f"Slurm is not installed and slurm/cluster/up.sh could not install or start it: {output}")
-        pytest.fail(f"slurm/cluster/up.sh failed (exit {proc.returncode}): {output}")
+        pytest.fail(f"slurm/cluster/up.sh {' '.join(options)} failed (exit {proc.returncode}): {output}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> int:
+    """Start (or find) the local cluster; returns its number of placeholder GPUs."""
+    start_cluster("--fake-gpus", str(FAKE_GPUS))
     return FAKE_GPUS
 
 
-def job_info(job_id: str) -> dict[str, str]:
+def job_info(job_id: str, prefix: tuple[str, ...] = ()) -> dict[str, str]:
     """`scontrol show job -o` as a dict (first line: the job itself, or an array's first task)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+    out = subprocess.run([*prefix, "scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
                          timeout=30).stdout
     line = out.splitlines()[0] if out.strip() else ""
     return dict(re.findall(r"(\w+)=(\S*)", line))
 
 
 class Slurm:
-    """Submits through slurm/submit.sh from the repository root and cancels what is left at the end."""
+    """Submits through slurm/submit.sh from the repository root and cancels what is left at the end.
 
-    def __init__(self, fake_gpus: int) -> None:
+    ``prefix`` runs every Slurm command through it (the multi-node cluster: node.sh 1)."""
+
+    def __init__(self, fake_gpus: int = 0, prefix: tuple[str, ...] = ()) -> None:
         self.fake_gpus = fake_gpus
+        self.prefix = prefix
         self.repo = REPO
         self.jobs: list[str] = []
 
+    def run(self, *cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        """A Slurm client command (squeue, scancel, scontrol, ...) on this cluster."""
+        return subprocess.run([*self.prefix, *cmd], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              check=check)
+
     def submit(self, *args: str, env: dict[str, str] | None = None) -> str:
-        proc = subprocess.run([str(REPO / "slurm" / "submit.sh"), *args], cwd=REPO, capture_output=True,
+        proc = subprocess.run([*self.prefix, str(REPO / "slurm" / "submit.sh"), *args], cwd=REPO, capture_output=True,
                               text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         assert proc.returncode == 0, proc.stderr
         job_id = proc.stdout.strip().splitlines()[-1]
@@ -69,7 +85,7 @@ class Slurm:
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
         while time.monotonic() < deadline:
-            info = job_info(job_id)
+            info = job_info(job_id, self.prefix)
             if info and until(info):
                 return info
             time.sleep(1)
@@ -78,12 +94,21 @@ class Slurm:
 
     def cancel_all(self) -> None:
         if self.jobs:
-            subprocess.run(["scancel", *self.jobs], capture_output=True, timeout=30)
+            subprocess.run([*self.prefix, "scancel", *self.jobs], capture_output=True, timeout=30)
 
 
 @pytest.fixture
 def slurm(slurm_cluster) -> Slurm:
     jobs = Slurm(slurm_cluster)
+    yield jobs
+    jobs.cancel_all()
+
+
+@pytest.fixture(scope="session")
+def multinode() -> Slurm:
+    """The simulated 2-node cluster (up.sh --nodes 2), shared by every multi-node test of the session."""
+    start_cluster("--nodes", str(MULTINODE_NODES))
+    jobs = Slurm(prefix=(str(NODE_SH), "1"))
     yield jobs
     jobs.cancel_all()
 

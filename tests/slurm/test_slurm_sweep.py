@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slurm
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher==1.2.0")
@@ -29,7 +30,10 @@ def test_lr_sweep_runs_as_a_job_array(slurm, shards, tmp_path):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3]
         assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-        assert f"lr: {lr}" in (run / "resolved_config.yaml").read_text()
+        config = yaml.safe_load((run / "resolved_config.yaml").read_text())
+        assert config["optim"]["lr"] == lr
+        # The names the point ran with, not the sweep's: run name "<sweep run name>-<num>", group the sweep's.
+        assert (config["trainer"]["run_name"], config["trainer"]["wandb"]["group"]) == (f"default-{num}", "default")
     # One array of two tasks, its allocation taken from the cluster group.
     (sbatch_file,) = {p.read_text() for p in sweep.glob(".submitit/*/*_submission.sh")} or {""}
     assert "#SBATCH --array=0-1" in sbatch_file, sbatch_file
