@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import BAD_INPUT, exit_bad_input, one_line
 from common.errors import ConfigError
 from pretrain.checkpoint import saved_deepspeed_layout
 from pretrain.models.qwen2.config import ModelConfig
@@ -60,10 +61,19 @@ _SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "tie_
 # --------------------------------------------------------------------------------------------------
 # Checkpoint directories
 # --------------------------------------------------------------------------------------------------
+def check_output_dir(out_dir: str | Path) -> None:
+    """Import and export write only into a new or empty folder (nothing of another model is overwritten or mixed)."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"{out} exists and is not an empty folder: choose a new output folder")
+
+
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A checkpoint dir (``torch_dist``, or a trainer's DeepSpeed one) from a dir itself, or a checkpoint
     root with a ``latest`` pointer."""
     path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path} does not exist")
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     if not (path / "metadata.json").is_file() and saved_deepspeed_layout(path) is None:
@@ -154,6 +164,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, model: str
     at import, else every row. ``dtype``: cast the weights (default: as stored). ``copy_files_from``:
     an HF dir whose tokenizer and generation files are copied alongside.
     """
+    check_output_dir(out_dir)
     ckpt = resolve_checkpoint_dir(checkpoint)
     deepspeed = saved_deepspeed_layout(ckpt) is not None
     common = {} if deepspeed else _load_common(ckpt)
@@ -188,7 +199,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, model: str
 # --------------------------------------------------------------------------------------------------
 # Import, and initialising a run from converted weights
 # --------------------------------------------------------------------------------------------------
-def _check_same_shape(hf_model: ModelConfig, model: ModelConfig, source: Path) -> None:
+def check_same_shape(hf_model: ModelConfig, model: ModelConfig, source: Path) -> None:
     diffs = [f"{f}: checkpoint {getattr(hf_model, f)!r} vs model {getattr(model, f)!r}"
              for f in _SHAPE_FIELDS if getattr(hf_model, f) != getattr(model, f)]
     if not model.is_moe and hf_model.ffn_hidden_size != model.ffn_hidden_size:
@@ -209,7 +220,7 @@ def init_chunks_from(chunks: list[torch.nn.Module], model: ModelConfig, source: 
     source = Path(source)
     if (source / "config.json").is_file():
         hf = HFCheckpoint(source)
-        _check_same_shape(model_config_from_hf(hf.config), model, source)
+        check_same_shape(model_config_from_hf(hf.config), model, source)
         load_hf_into_chunks(chunks, hf, model)
         return
     from megatron.core import dist_checkpointing
@@ -223,7 +234,7 @@ def init_chunks_from(chunks: list[torch.nn.Module], model: ModelConfig, source: 
         return
     common = _load_common(ckpt)
     if "model_config" in common:
-        _check_same_shape(ModelConfig(**common["model_config"]), model, ckpt)
+        check_same_shape(ModelConfig(**common["model_config"]), model, ckpt)
     gpts = [unwrap_chunk(c) for c in chunks]
     keys = ["model"] if len(gpts) == 1 else [f"model{i}" for i in range(len(gpts))]
     state = {k: g.sharded_state_dict() for k, g in zip(keys, gpts)}
@@ -255,16 +266,22 @@ def save_model_checkpoint(chunks: list[torch.nn.Module], out_dir: str | Path, co
     return out
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int = 1,
-              etp: int | None = None, vocab_size: int | None = None, seed: int = 0) -> Path:
-    """Convert an HF checkpoint dir into a model-only ``torch_dist`` checkpoint (run on every rank)."""
+def plan_import(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int = 1,
+                etp: int | None = None, vocab_size: int | None = None, world_size: int = 1):
+    """Everything ``import`` checks, from ``config.json`` and the safetensors headers alone (no tensor is read,
+    no process started): returns the checkpoint, our model config, its HF vocabulary rows and the layout."""
     from parallel.config import ParallelConfig
-    from parallel.mesh import destroy_distributed, init_distributed
-    from pretrain.models.qwen2.model import build_model_chunks, transformer_config
 
+    check_output_dir(out_dir)
     hf = HFCheckpoint(hf_dir)
-    model = model_config_from_hf(hf.config, name=Path(hf_dir).name)
-    hf_vocab = hf["model.embed_tokens.weight"].shape[0]
+    try:
+        hf_config = hf.config
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/JSONDecodeError alike
+        raise ConversionError(f"{Path(hf_dir) / 'config.json'} is not a readable model config: {e}") from e
+    model = model_config_from_hf(hf_config, name=Path(hf_dir).name)
+    if "model.embed_tokens.weight" not in hf:
+        raise ConversionError(f"{hf_dir} has no model.embed_tokens.weight")
+    hf_vocab = hf.shape("model.embed_tokens.weight")[0]
     vocab = vocab_size if vocab_size is not None else hf_vocab
     if vocab < hf_vocab or vocab % tp:
         raise ConversionError(
@@ -272,12 +289,23 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int =
             "pass --vocab-size (padding rows are zeros and are dropped again on export)")
     model = dataclasses.replace(model, vocab_size=vocab)
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        parallel.validate(world_size=world, num_layers=model.num_layers, num_heads=model.num_heads,
+        parallel.validate(world_size=world_size, num_layers=model.num_layers, num_heads=model.num_heads,
                           num_kv_heads=model.num_kv_heads, num_experts=model.num_experts, seq_len=model.max_seq_len)
     except ConfigError as e:
         raise ConversionError(str(e)) from e
+    return hf, model, hf_vocab, parallel
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int = 1,
+              etp: int | None = None, vocab_size: int | None = None, seed: int = 0) -> Path:
+    """Convert an HF checkpoint dir into a model-only ``torch_dist`` checkpoint (run on every rank)."""
+    from parallel.mesh import destroy_distributed, init_distributed
+    from pretrain.models.qwen2.model import build_model_chunks, transformer_config
+
+    hf, model, hf_vocab, parallel = plan_import(hf_dir, out_dir, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp,
+                                                vocab_size=vocab_size, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    vocab = model.vocab_size
     init_distributed(parallel, seed=seed)
     try:
         config = transformer_config(model, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp)
@@ -297,8 +325,14 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int =
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad command line is one line and exit status 2, like every other bad input (not usage + error)."""
+        exit_bad_input("conversion error", f"{message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pretrain.models.qwen2.convert", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m pretrain.models.qwen2.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF dir -> model-only megatron torch_dist checkpoint")
     imp.add_argument("--hf", required=True, help="Hugging Face checkpoint dir (config.json + *.safetensors)")
@@ -318,9 +352,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _import_nproc(args: argparse.Namespace) -> int:
+    return args.pp * math.lcm(args.tp, args.ep * (args.etp or args.tp))  # tp * dp must be a multiple of ep * etp
+
+
 def _relaunch_under_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
-    etp = args.etp or args.tp
-    nproc = args.pp * math.lcm(args.tp, args.ep * etp)  # tp * dp must be a multiple of ep * etp
+    nproc = _import_nproc(args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "pretrain.models.qwen2.convert", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -340,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             export_checkpoint(args.checkpoint, args.out, model=args.model, hf_vocab_size=args.hf_vocab_size,
                               dtype=_DTYPES.get(args.dtype), copy_files_from=args.copy_files_from)
             return 0
-        if "RANK" not in os.environ and args.pp * math.lcm(args.tp, args.ep * (args.etp or args.tp)) > 1:
+        if "RANK" not in os.environ and _import_nproc(args) > 1:
+            # Refuse bad input here, in one process, not in every rank after torchrun has started them.
+            plan_import(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp,
+                        vocab_size=args.vocab_size, world_size=_import_nproc(args))
             return _relaunch_under_torchrun(args, argv)
         import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp,
                   vocab_size=args.vocab_size)
@@ -348,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("imported %s -> %s", args.hf, args.out)
         return 0
     except (ConversionError, ConfigError) as e:
-        print(f"conversion error: {e}", file=sys.stderr)
-        return 2
+        print(f"conversion error: {one_line(e)}", file=sys.stderr)
+        return BAD_INPUT
 
 
 if __name__ == "__main__":

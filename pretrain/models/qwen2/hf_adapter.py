@@ -289,12 +289,19 @@ class HFCheckpoint(Mapping):
         from safetensors import safe_open
 
         self.path = Path(path)
+        if not self.path.exists():
+            raise ConversionError(f"{self.path} does not exist")
         if not (self.path / "config.json").is_file():
             raise ConversionError(f"{self.path} is not a Hugging Face checkpoint (no config.json)")
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise ConversionError(f"{self.path} has no *.safetensors weights (.bin checkpoints are not supported)")
-        self._handles = {f.name: safe_open(str(f), framework="pt") for f in files}
+        self._handles = {}
+        for f in files:  # opening reads the header and checks it against the file's size
+            try:
+                self._handles[f.name] = safe_open(str(f), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (not importable)
+                raise ConversionError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from e
         self._where: dict[str, tuple[str, str]] = {}  # key -> (file, stored key)
         self._fused: dict[str, str] = {}  # per-expert key -> fused stored key
         for fname, handle in self._handles.items():
@@ -304,6 +311,11 @@ class HFCheckpoint(Mapping):
                     for sub in _unfuse_experts(key, torch.empty(shape, device="meta")):
                         self._fused[sub] = key
                 self._where[key] = (fname, key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A stored tensor's shape, from the file header (reads no data)."""
+        fname, stored = self._where[key]
+        return tuple(self._handles[fname].get_slice(stored).get_shape())
 
     @property
     def config(self):
