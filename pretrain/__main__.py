@@ -25,7 +25,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ConfigError, TrainingDivergedError
+from common.cli import one_line_errors, to_object
+from common.errors import ConfigError, DataError, TrainingDivergedError
+from pretrain import preflight
 from pretrain.checkpoint import check_run_resumable
 from pretrain.config import JobConfig, register_configs, validate_job
 from pretrain.data import Shards
@@ -53,12 +55,18 @@ class LaunchError(Exception):
         self.returncode = returncode
 
 
-def run(job: JobConfig, run_dir: Path) -> None:
-    """Validate, start process groups, train, tear down. Everything a rank does, in order."""
+def run(job: JobConfig, run_dir: Path, resolved_config: str | None = None) -> None:
+    """Validate, start process groups, train, tear down. Everything a rank does, in order.
+    ``resolved_config``: yaml written to the run directory once the job's inputs passed their checks."""
     from parallel.mesh import destroy_distributed, init_distributed, world_size_from_env
 
     validate_job(job, world_size_from_env())  # build_trainer checks the checkpoint it would resume from
     shards = Shards.from_config(job.data)  # a missing data path fails here, before any process group
+    # Shards, vocabulary, init_from; the shape of the checkpoint it resumes from is checked in build_trainer,
+    # after the ranks chose it together (verifying it here would read it once per rank).
+    preflight.check_job(job, resumes=preflight.has_checkpoint(run_dir / "checkpoints"))
+    if resolved_config is not None:  # only now: a refused job leaves the run directory as it was
+        (run_dir / "resolved_config.yaml").write_text(resolved_config)
     mesh = init_distributed(job.parallel, seed=job.trainer.seed)
     try:
         from pretrain.build import build_trainer
@@ -70,6 +78,7 @@ def run(job: JobConfig, run_dir: Path) -> None:
         destroy_distributed()
 
 
+@one_line_errors  # Hydra's own config errors: one `config error:` line, exit 2
 @hydra.main(config_path="pkg://conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     rank = int(os.environ.get("RANK", "0"))
@@ -80,7 +89,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        job: JobConfig = OmegaConf.to_object(cfg)
+        job: JobConfig = to_object(cfg)
         sweep_overrides = []
         if sweeping and job.trainer.wandb.group is None:
             # The runs of one sweep share a wandb group; each gets its own run name.
@@ -93,18 +102,16 @@ def main(cfg: DictConfig) -> None:
         nproc = job.parallel.local_world_size
         if "RANK" not in os.environ and nproc > 1:
             dp = validate_job(job, nproc)  # refuse a bad layout before starting any process
-            check_run_resumable(run_dir / "checkpoints", zero=job.parallel.zero, dp=dp)
-            Shards.from_config(job.data)
+            latest = check_run_resumable(run_dir / "checkpoints", zero=job.parallel.zero, dp=dp)
+            preflight.check_job(job, resume_from=latest)  # every check a rank would make, before any starts
             _launch_local(nproc, run_dir, sweep_overrides)
             return
-        if rank == 0:
-            (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        run(job, run_dir)
-    except (ConfigError, TrainingDivergedError, LaunchError) as exc:
+        run(job, run_dir, OmegaConf.to_yaml(cfg, resolve=True) if rank == 0 else None)
+    except (ConfigError, DataError, TrainingDivergedError, LaunchError) as exc:
         if sweeping:
             raise  # the launcher (basic or submitit) records the failed job; exiting would hang submitit
-        if isinstance(exc, ConfigError):
-            print(f"config error: {exc}", file=sys.stderr)
+        if isinstance(exc, (ConfigError, DataError)):
+            print(f"{'config' if isinstance(exc, ConfigError) else 'data'} error: {exc}", file=sys.stderr)
             sys.exit(2)
         if isinstance(exc, TrainingDivergedError):
             print(f"training stopped: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from pretrain.data import Shards, build_datasets, microbatches
 from pretrain.models.qwen2.flops import flops_per_token
 from pretrain.models.qwen2.model import build_model_chunks, padded_vocab_size, transformer_config
 from pretrain.optim import build_optimizer
+from pretrain.preflight import check_resume_shape, vocab_padding_note
 from pretrain.train_module import TrainModule
 from pretrain.trainer import Trainer
 
@@ -76,6 +77,7 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
     latest = checkpointer.latest()
     if latest is not None:
         check_resumable(latest, zero=job.parallel.zero, dp=mesh.dp)
+        check_resume_shape(latest, job.model, vocab_size)  # one line naming the field, not megatron's traceback
     # A run that resumes overwrites the weights anyway: skip loading pretrained ones.
     module = build_train_module(job, vocab_size, init_weights=latest is None)
     valid_samples = t.eval_steps * t.global_batch_size if t.eval_every else 0
@@ -91,6 +93,9 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
 
     if mesh.is_logging_rank:
         from pretrain.models.qwen2.flops import param_count
+
+        if note := vocab_padding_note(job.model, shards.vocab_size, job.parallel.tp):
+            log.info(note)
 
         count = param_count(job.model, vocab_size)
         log.info("model %s: %.2fM parameters (%.2fM active), vocab %d | %d train samples of %d tokens | "

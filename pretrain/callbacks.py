@@ -84,7 +84,10 @@ class ConsoleLogger(Callback):
 
 
 class MetricsFile(Callback):
-    """metrics.jsonl (one line per step) and loss_curve.png in the run directory."""
+    """metrics.jsonl (one line per step) and loss_curve.png in the run directory.
+
+    A resumed run first drops the rows past the step it resumed from (steps a crash cut off after the
+    last checkpoint, about to be run again), so the file reads as one history with each step once."""
 
     def __init__(self, run_dir: Path, plot: bool) -> None:
         self.path = run_dir / "metrics.jsonl"
@@ -95,6 +98,10 @@ class MetricsFile(Callback):
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "loss": result.loss, "lr": result.lr,
                                 "grad_norm": result.grad_norm, **metrics}) + "\n")
+
+    def on_train_start(self, trainer) -> None:
+        if self.path.exists():
+            drop_rows_after(self.path, trainer.step)
 
     def on_train_end(self, trainer) -> None:
         if self.plot:
@@ -107,11 +114,25 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+def drop_rows_after(metrics_path: Path, step: int) -> None:
+    """Keep only the rows of steps <= ``step``; replaced atomically, so a kill now loses nothing."""
+    lines = metrics_path.read_text().splitlines(keepends=True)
+    # A kill mid-write can leave a last line cut short: it is dropped with the steps after ``step``.
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = metrics_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, metrics_path)
+    log.info("%s: dropped %d rows after step %d, the step this run resumes from", metrics_path.name,
+             len(lines) - len(kept), step)
+
+
 
     rows, evals = {}, {}
     for line in metrics_path.read_text().splitlines():
         row = json.loads(line)
-        rows[row["step"]] = row["loss"]  # a resumed run may repeat steps: the last write wins
+        rows[row["step"]] = row["loss"]
         if "eval/loss" in row:
             evals[row["step"]] = row["eval/loss"]
     steps = sorted(rows)

@@ -322,13 +322,15 @@ def check_resumable(path: Path, *, zero: int | None, dp: int) -> None:
             f"parallel.dp={saved_dp}, {init_hint}")
 
 
-def check_run_resumable(root: Path, *, zero: int, dp: int) -> None:
+def check_run_resumable(root: Path, *, zero: int, dp: int) -> Path | None:
     """``check_resumable`` against the checkpoint a resume would load: the newest that verifies
     (``Checkpointer.latest``, so a damaged newest one is skipped here as it is there). Without a process
-    group it reads the files itself; with one it is collective (rank 0 verifies, every rank gets its choice)."""
+    group it reads the files itself; with one it is collective (rank 0 verifies, every rank gets its choice).
+    Returns that checkpoint (None: the run starts fresh)."""
     latest = Checkpointer(root, keep_last=1).latest()
     if latest is not None:
         check_resumable(latest, zero=zero, dp=dp)
+    return latest
 
 
 def _materialise_optimizer_state(optimizer) -> None:
