@@ -3,6 +3,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.callbacks import drop_rows_after
 from pretrain.checkpoint import Checkpointer, verify
 from pretrain.testing import write_learnable_shards
 
@@ -35,6 +37,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     """Loss per step; a step run twice (before a kill and after the resume) keeps its last value."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in rows}
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    """The step of every metrics.jsonl row, in file order."""
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _process_tree(pid: int) -> list:
@@ -100,8 +107,69 @@ def test_resume_after_kill9_is_bit_identical(tmp_path, shards, layout):
     assert Checkpointer(tmp_path / "killed" / "checkpoints", 3).latest().name == "step_00000004"
     run(tmp_path / "killed", shards, *args)
     resumed = losses(tmp_path / "killed")
-    assert sorted(resumed) == list(range(1, 9))
+    assert steps_logged(tmp_path / "killed") == list(range(1, 9))  # step 5, run twice, is logged once
     assert [resumed[s] for s in range(5, 9)] == [reference[s] for s in range(5, 9)]  # bit-identical
+
+
+@pytest.mark.timeout(900)
+def test_resumed_run_reads_as_one_history_and_saves_leave_nothing_behind(tmp_path, shards):
+    """Killed past the step-4 checkpoint with steps 5-7 logged, then resumed: metrics.jsonl holds every step
+    once, with an uninterrupted run's losses; a failed save's leftover folder is removed at the start; and
+    no save makes megatron-core warn that it overwrites an incomplete checkpoint."""
+    args = ("parallel=single", "trainer.steps=10", "trainer.save_every=4")
+    straight = run(tmp_path / "straight", shards, *args)
+    reference = losses(tmp_path / "straight")
+    killed = tmp_path / "killed"
+    kill_at_step(killed, shards, 7, *args)
+    ckpts = killed / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000004"
+    assert steps_logged(killed)[:7] == list(range(1, 8))
+    leftover = ckpts / "step_00000006.tmp"  # what a save cut short by a full disk leaves
+    (leftover / "rng").mkdir(parents=True)
+    (leftover / "rng" / "rank_00000.pt").write_bytes(b"partial")
+
+    resumed = run(killed, shards, *args)
+    assert steps_logged(killed) == list(range(1, 11))
+    assert losses(killed) == reference  # steps 5-10 after the resume bit-identical too
+    assert not leftover.exists() and not list(ckpts.glob("*.tmp"))
+    assert f"removed 1 leftover(s) of unfinished saves in {ckpts}: step_00000006.tmp" in resumed.stdout
+    assert re.search(r"metrics\.jsonl: dropped \d rows after step 4, the step this run resumes from", resumed.stdout)
+    for proc, saves in ((straight, 3), (resumed, 2)):  # steps 4, 8, 10 / 8, 10: nothing to overwrite
+        assert proc.stdout.count("saved checkpoint") == saves
+        assert "Overwriting old incomplete" not in proc.stdout + proc.stderr
+    # The RNG files are still where a resume reads them, and in the checksums.
+    assert "rng/rank_00000.pt" in json.loads((ckpts / "step_00000010" / "checksums.json").read_text())
+    assert verify(ckpts / "step_00000010") is None
+
+
+def test_a_resume_drops_the_rows_after_its_step_atomically(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8))
+    path.write_text(rows + '{"step": 8, "lo')  # killed mid-write
+    drop_rows_after(path, 4)
+    assert path.read_text() == "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5))
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
+    inode = path.stat().st_ino
+    drop_rows_after(path, 4)  # nothing past the step: the file is left as it is
+    assert path.stat().st_ino == inode
+    drop_rows_after(path, 0)  # a run that starts over without a checkpoint keeps none
+    assert path.read_text() == ""
+
+
+def test_leftovers_of_unfinished_saves_are_removed(tmp_path, caplog):
+    for name in ("step_00000002", "step_00000004.tmp", "step_00000006.tmp"):
+        (tmp_path / name / "rng").mkdir(parents=True)
+        (tmp_path / name / "rng" / "rank_00000.pt").write_bytes(b"x")
+    (tmp_path / "latest").write_text("step_00000002")
+    (tmp_path / "latest.tmp").write_text("step_00000004")
+    with caplog.at_level("WARNING", logger="pretrain"):
+        Checkpointer(tmp_path, keep_last=2).remove_leftovers()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002"]
+    assert caplog.messages == [f"removed 3 leftover(s) of unfinished saves in {tmp_path}: "
+                               "step_00000004.tmp, step_00000006.tmp, latest.tmp"]
+    caplog.clear()
+    Checkpointer(tmp_path, keep_last=2).remove_leftovers()
+    assert caplog.messages == []
 
 
 @pytest.mark.timeout(900)

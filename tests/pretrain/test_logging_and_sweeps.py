@@ -60,3 +60,19 @@ def test_local_multirun_sweep_gives_each_run_its_own_directory(tmp_path):
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
         assert (run / "checkpoints" / "latest").read_text() == "step_00000002"
     assert lrs == [1e-3, 2e-3]
+
+
+@pytest.mark.timeout(600)
+def test_a_run_log_on_a_full_disk_is_reported_once_and_training_goes_on(tmp_path):
+    """/dev/full refuses every write with ENOSPC, as a full disk does: one stderr line for the run log, then
+    nothing more about it (not a `--- Logging error ---` block per record), and the run trains and saves."""
+    shards = write_learnable_shards(tmp_path / "shards", vocab_size=256)
+    run_dir = tmp_path / "run"
+    proc = pretrain(tmp_path, f"data.paths=[{shards}]", f"hydra.run.dir={run_dir}", "parallel=single",
+                    "trainer.steps=3", "trainer.wandb.mode=disabled", "hydra.job_logging.handlers.file.filename=/dev/full")
+    reports = [line for line in proc.stderr.splitlines() if line.startswith("logging: ")]
+    assert reports == ["logging: cannot write to /dev/full ([Errno 28] No space left on device); "
+                       "no further lines go there"], proc.stderr[-3000:]
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "step     3/3" in proc.stdout  # the console handler goes on
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
