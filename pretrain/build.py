@@ -72,6 +72,7 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
     t = job.trainer
     vocab_size = padded_vocab_size(job.model, shards.vocab_size, job.parallel.tp)
     checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last, async_save=t.async_save)
+    checkpointer.remove_leftovers()  # step_*.tmp of saves a crash or a full disk cut short
     # Collective: rank 0 verifies the checkpoints and every rank gets its choice, so a layout that cannot load
     # it is refused on every rank alike, before any model is built (cached: resuming does not re-verify it).
     latest = checkpointer.latest()

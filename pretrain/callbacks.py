@@ -94,14 +94,14 @@ class MetricsFile(Callback):
         self.png = run_dir / "loss_curve.png"
         self.plot = plot
 
+    def on_train_start(self, trainer) -> None:
+        if self.path.exists():
+            drop_rows_after(self.path, trainer.step)
+
     def on_step_end(self, trainer, step, result, metrics) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "loss": result.loss, "lr": result.lr,
                                 "grad_norm": result.grad_norm, **metrics}) + "\n")
-
-    def on_train_start(self, trainer) -> None:
-        if self.path.exists():
-            drop_rows_after(self.path, trainer.step)
 
     def on_train_end(self, trainer) -> None:
         if self.plot:
@@ -109,11 +109,6 @@ class MetricsFile(Callback):
             log.info("loss curve: %s", self.png)
 
 
-def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 def drop_rows_after(metrics_path: Path, step: int) -> None:
     """Keep only the rows of steps <= ``step``; replaced atomically, so a kill now loses nothing."""
     lines = metrics_path.read_text().splitlines(keepends=True)
@@ -128,6 +123,11 @@ def drop_rows_after(metrics_path: Path, step: int) -> None:
              len(lines) - len(kept), step)
 
 
+def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     rows, evals = {}, {}
     for line in metrics_path.read_text().splitlines():

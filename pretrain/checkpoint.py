@@ -96,6 +96,14 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _write_rng(tmp: Path, state: dict) -> None:
+    """This rank's RNG file, written once the backend has started its save: megatron-core's
+    ``dist_checkpointing.save`` warns "Overwriting old incomplete / corrupted checkpoint" whenever the
+    folder it is given is not empty. The file's place (``rng/rank_NNNNN.pt``) is what resume reads."""
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(state, tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
+
+
 def _file_checksums(directory: Path) -> dict[str, list[int]]:
     sums = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != _CHECKSUMS):
@@ -138,6 +146,23 @@ class Checkpointer:
     def _complete(self) -> list[Path]:
         return sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
 
+    def remove_leftovers(self) -> None:
+        """Delete what saves cut short (a kill, a full disk) left behind: ``step_*.tmp`` folders and
+        ``latest.tmp``. Call once at start, before any save; rank 0 alone deletes (no other rank touches a
+        ``.tmp`` folder before ``save``, whose barrier follows rank 0's own clean-up of it)."""
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        leftovers = sorted(p for p in self.root.glob("step_*.tmp") if p.is_dir())
+        leftovers += [p for p in (self.root / "latest.tmp",) if p.is_file()]
+        for path in leftovers:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if leftovers:
+            log.warning("removed %d leftover(s) of unfinished saves in %s: %s", len(leftovers), self.root,
+                        ", ".join(p.name for p in leftovers))
+
     def _candidates(self) -> list[Path]:
         """Complete checkpoints, newest first: the ``latest`` pointer's, then the others by step."""
         pointer = self.root / "latest"
@@ -177,22 +202,24 @@ class Checkpointer:
         rank = dist.get_rank()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
+            tmp.mkdir(parents=True)
         self.wait()  # one save in flight at a time, published in order
         dist.barrier()
         backend = _backend(train_module)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        rng = _rng_state()  # as of this step; written after the backend's files (see _write_rng)
         if self.async_save:
             # The tensors are staged now; a background writer stores them while training goes on, and the
             # checkpoint is published (renamed, pointed to) once every rank's writer has finished.
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             request = backend.write_async(tmp, train_module, trainer_state)
+            _write_rng(tmp, rng)  # before this rank can vote the save finished, so before the publish
             request.add_finalize_fn(lambda: self._publish(tmp, final))
             self._queue = self._queue or AsyncCallsQueue()
             self._queue.schedule_async_request(request)
             return final
         backend.write(tmp, train_module, trainer_state)
+        _write_rng(tmp, rng)
         dist.barrier()
         self._publish(tmp, final)
         dist.barrier()
