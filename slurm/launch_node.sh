@@ -11,9 +11,10 @@
 # - when this node's host name resolves to a loopback address (Debian's "127.0.1.1 <host>"), gloo would
 #   advertise that address to the other nodes: GLOO_SOCKET_IFNAME is set to the interface that reaches
 #   the head node, unless already set.
-# It then runs COMMAND and waits for it. A SIGUSR1 that reaches this task (`scancel --signal=USR1 <job>`
-# signals every process of the job's steps; the batch script's own forward does the same) is appended to
-# $PRETRAIN_STOP_FILE, so the batch script knows to requeue after the ranks saved.
+# It then runs COMMAND and waits for it. A SIGUSR1 that reaches this task (Slurm signals a step's task
+# processes, this script, not their children: `scancel --signal=USR1 <job>` and the batch script's
+# forward alike) is passed on to COMMAND and appended to $PRETRAIN_STOP_FILE, so the batch script knows
+# to requeue after the ranks saved.
 set -uo pipefail
 
 if [ $# -lt 5 ] || [ "$4" != -- ]; then
@@ -25,9 +26,12 @@ shift 4
 node=$(hostname)
 log() { echo "[launch_node.sh $node $(date +%H:%M:%S)] $*"; }
 is_loopback() { case "$1" in 127.*|::1|"") return 0 ;; *) return 1 ;; esac; }
+child="" stop=""
 # shellcheck disable=SC2317  # called from the traps below
 stop_requested() {
+  stop=1
   [ -n "${PRETRAIN_STOP_FILE:-}" ] && echo "$node $(date -Is)" >>"$PRETRAIN_STOP_FILE"
+  [ -n "$child" ] && kill -s USR1 "$child" 2>/dev/null
 }
 trap stop_requested USR1
 trap ':' TERM  # torchrun gets it too and lets the ranks save: keep waiting for it
@@ -69,6 +73,7 @@ fi
 
 "$@" &
 child=$!
+[ -n "$stop" ] && kill -s USR1 "$child" 2>/dev/null
 while :; do
   wait "$child"; rc=$?
   kill -0 "$child" 2>/dev/null || break

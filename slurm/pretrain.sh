@@ -175,6 +175,25 @@ if [ "$stop_signal" != USR1 ] && [ -s "$PRETRAIN_STOP_FILE" ]; then
   log "the training processes got SIGUSR1 (scancel --signal=USR1 without --batch): treated as a preemption"
 fi
 rm -f "$PRETRAIN_STOP_FILE"
+if [ "$stop_signal" != USR1 ] && [ "$rc" -ne 0 ] && [ "$nnodes" -gt 1 ]; then
+  # The ranks here fail as soon as a peer on a lost node is gone, usually before Slurm declares that
+  # node down. Exiting now would end the job FAILED; waiting lets Slurm end it as NODE_FAIL and requeue it.
+  slurmd_port=$(scontrol show config 2>/dev/null | sed -n 's/^SlurmdPort *= *//p')
+  node_timeout=$(scontrol show config 2>/dev/null | sed -n 's/^SlurmdTimeout *= *\([0-9]*\).*/\1/p')
+  lost=""
+  for h in "${hosts[@]}"; do
+    addr=$(scontrol show node "$h" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -1)
+    timeout 3 bash -c "exec 3<>/dev/tcp/${addr:-$h}/${slurmd_port:-6818}" 2>/dev/null || lost+=" $h"
+  done
+  if [ -n "$lost" ]; then
+    wait_s=$(( ${node_timeout:-300} * 2 + 30 ))
+    log "node(s)$lost do not answer: waiting up to $wait_s s for Slurm to declare them down and requeue the job"
+    sleep "$wait_s"
+    log "Slurm did not end the job: requeueing it"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+fi
 if [ "$stop_signal" != USR1 ]; then
   exit "$rc"
 fi

@@ -58,14 +58,16 @@ def test_tp2_on_two_gpus_per_node_completes_with_a_checkpoint(slurm, shards, tmp
 
 
 @pytest.mark.timeout(400)
-def test_preempted_job_saves_requeues_and_resumes(slurm, shards, tmp_path):
+@pytest.mark.parametrize("scancel", [["--batch"], []], ids=["batch", "steps"])
+def test_preempted_job_saves_requeues_and_resumes(slurm, shards, tmp_path, scancel):
     # What --signal=B:USR1@<margin> does before the time limit, sent by hand: deterministic and quick.
+    # Without --batch the signal reaches the training processes only; the job must requeue all the same.
     job = slurm.submit("--time=10", "slurm/pretrain.sh", *TINY, f"data.paths=[{shards}]", "trainer.steps=60",
                        env={"RUNS_DIR": str(tmp_path), "RUN_NAME": "preempted"})
     run = tmp_path / "preempted"
     log = run / f"slurm-{job}.out"
     wait_for_steps(run, 3, timeout=300, log=log)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    subprocess.run(["scancel", "--signal=USR1", *scancel, job], check=True, timeout=30)
 
     info = slurm.wait(job, lambda i: i.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"},
                       timeout=360, log=log)
