@@ -29,9 +29,12 @@ seq-len / median step time (every position counts, as in the trainer's Throughpu
 
     MFU = tokens/s x flops_per_token / peak_bf16_dense_flops
 
-``flops_per_token`` is ``pretrain.models.qwen2.flops.flops_per_token`` (PaLM convention: 6 x active matmul
-weights incl. the output layer, embedding lookup excluded, + 12 x layers x heads x head_dim x seq for
-attention, causal masking NOT discounted), the same for both sides. The peak is the vendor's DENSE
+reported in two conventions side by side (``pretrain.models.qwen2.flops.flops_per_token``; 6 x active matmul
+weights incl. the output layer, embedding lookup excluded, plus attention): ``mfu`` (PaLM / nanotron /
+torchtitan: 12 x layers x heads x head_dim x seq, causal masking NOT discounted) and ``mfu_causal``
+(Megatron-LM's ``num_floating_point_operations``: half of that attention term), the same for both sides; and
+``matmul_fraction``: achieved TFLOP/s (PaLM) over a bf16 matmul ceiling measured in the same run
+(``--matmul-tflops``, from the GPU script's preflight). Compare with published figures in their convention. The peak is the vendor's DENSE
 (no sparsity) BF16 tensor-core figure, from ``PEAK_BF16_DENSE_FLOPS`` below (first matching substring of
 ``torch.cuda.get_device_name()``), or ``--peak-tflops``. For scale: an 8192^3 bf16 matmul reaches ~790-800
 TFLOP/s on the H100 SXM / H200 of the device machine (~80% of 989), so ~0.8 is the practical MFU ceiling.
@@ -88,9 +91,9 @@ PEAK_BF16_DENSE_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 NVL", 835e12),
     ("H200 NVL", 835e12),
     ("GH200", 989e12),
-    ("H100", 989e12),  # SXM5: "NVIDIA H100 80GB HBM3"
-    ("H200", 989e12),  # SXM: "NVIDIA H200"
-    ("H800", 989e12),
+    ("H100", 989.4e12),  # SXM5: "NVIDIA H100 80GB HBM3"
+    ("H200", 989.4e12),  # SXM: "NVIDIA H200"
+    ("H800", 989.4e12),
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
@@ -144,6 +147,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: bf16 on GPU, fp32 on CPU (--dry-run --precision bf16 runs the GPU's bf16 code paths "
                         "on the CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense BF16 peak")
+    p.add_argument("--matmul-tflops", type=float, default=None,
+                   help="a bf16 matmul ceiling measured on this GPU (benchmarks/gpu/preflight.py): reported as "
+                        "matmul_fraction = achieved TFLOP/s / this")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for ours' job (repeatable), e.g. trainer.cross_entropy=chunked")
+    p.add_argument("--keep-preset", action="store_true",
+                   help="with --dry-run: keep --model (the real shape: vocabulary, tied embeddings) instead of the "
+                        "tiny preset; cut it with --layers")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-profile", action="store_true", help="skip the extra profiled step (attention kernels)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -156,7 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.dry_run:
-        args.model = TINY_PRESETS["moe" if "moe" in args.model else "dense"]
+        if not args.keep_preset:
+            args.model = TINY_PRESETS["moe" if "moe" in args.model else "dense"]
         args.seq_len = min(args.seq_len, 128)
         args.micro_batch = min(args.micro_batch, 2)
         args.steps, args.warmup = 2, 1
@@ -197,6 +209,7 @@ def compose_job(args: argparse.Namespace, *, bf16: bool):
         f"optim.fused={ {'auto': 'null', 'fused': 'true', 'unfused': 'false'}[args.ours_adam] }",
         # No warm-up, and a decay so long that the LR stays at its peak: the peer uses a constant LR.
         "optim.warmup_steps=0", "optim.decay_steps=1000000000",
+        *args.override,
     ]
     with initialize_config_module(config_module="conf", version_base=None):
         cfg = compose("config", overrides=overrides)
@@ -236,6 +249,7 @@ def _measure(step, args, result: dict, counters_before) -> None:
         result.update(_figures(times, args), losses=losses, loss_step0=losses[0], peak_memory_gib=_peak_memory())
         if not args.no_profile:
             result["attention_kernels"] = _profiled_attention_ops(step)
+            result["sdpa_backend_used"] = sdpa_backend_used(result["attention_kernels"])
 
 def _timed_steps(step, n_warmup: int, n_steps: int) -> tuple[list[float], list[float]]:
     """Run ``step()`` (returns the loss) warm-up + measured times; (losses of every step, measured seconds)."""
@@ -466,6 +480,26 @@ def _describe_optimizer(opt) -> str:
     return f"{type(opt).__module__}.{type(opt).__name__} ({kind})"
 
 
+def _kernels(job) -> dict:
+    """Ours' kernel knobs as this machine resolves them (trainer.fused_swiglu / cross_entropy / moe_grouped_gemm)."""
+    from pretrain.models.qwen2.model import resolve_kernels
+
+    return dict(resolve_kernels(job.trainer), foreach_grad_norm=job.optim.foreach_grad_norm,
+                cross_entropy_chunk=job.trainer.cross_entropy_chunk)
+
+
+def sdpa_backend_used(kernels: list[str]) -> str | None:
+    """The SDPA backend a profiled step ran, from its operator names (None: not profiled or no SDPA op)."""
+    names = " ".join(kernels)
+    for backend, op in (("cudnn", "_scaled_dot_product_cudnn_attention"),
+                        ("flash", "_scaled_dot_product_flash_attention"),
+                        ("efficient", "_scaled_dot_product_efficient_attention"),
+                        ("math", "_scaled_dot_product_attention_math")):
+        if op in names:
+            return backend + (" (CPU kernel)" if "for_cpu" in names else "")
+    return None
+
+
 def _figures(times: list[float], args) -> dict:
     med = statistics.median(times)
     tokens = args.microbatches * args.micro_batch * args.seq_len
@@ -665,11 +699,16 @@ def peak_flops(device_name: str | None, override_tflops: float | None) -> float 
     return next((v for k, v in PEAK_BF16_DENSE_FLOPS if k in device_name), None)
 
 
-def _add_mfu(side: dict, fpt: float, peak: float | None) -> None:
+def _add_mfu(side: dict, fpt: float, fpt_causal: float, peak: float | None, matmul: float | None = None) -> None:
+    """MFU in both conventions (PaLM: ``mfu``; Megatron-LM, causal half of attention: ``mfu_causal``) and the
+    fraction of the measured matmul ceiling (PaLM FLOPs)."""
     if "tokens_per_s" not in side:
         return
     side["tflops_per_s"] = side["tokens_per_s"] * fpt / 1e12
+    side["tflops_per_s_causal"] = side["tokens_per_s"] * fpt_causal / 1e12
     side["mfu"] = side["tokens_per_s"] * fpt / peak if peak else None
+    side["mfu_causal"] = side["tokens_per_s"] * fpt_causal / peak if peak else None
+    side["matmul_fraction"] = side["tflops_per_s"] * 1e12 / matmul if matmul else None
 
 
 def _fmt(v, spec: str, na: str = "n/a") -> str:
@@ -691,14 +730,15 @@ def print_table(doc: dict, out=sys.stdout) -> None:
         if side.get("freed") is False:
             print("WARNING: ours' model was still alive while the peer ran (its memory counts in the peer's)",
                   file=out)
-    print(f"{'side':5s} {'tokens/s':>11s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
-          f"{'loss[0]':>10s} {'loss[-1]':>10s}  impl", file=out)
+    print(f"{'side':5s} {'tokens/s':>11s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'causal':>6s} {'of mm':>6s} "
+          f"{'peak GiB':>9s} {'loss[0]':>10s} {'loss[-1]':>10s}  impl", file=out)
     for side in doc["results"].values():
         if "error" in side:
             print(f"{side['name']:5s} {side['error']}  ({side['impl']})", file=out)
             continue
         print(f"{side['name']:5s} {side['tokens_per_s']:11.1f} {side['step_s_median'] * 1e3:9.2f} "
-              f"{side['tflops_per_s']:8.2f} {_fmt(side['mfu'], '6.1%'):>6s} "
+              f"{side['tflops_per_s']:8.2f} {_fmt(side['mfu'], '6.1%'):>6s} {_fmt(side.get('mfu_causal'), '6.1%'):>6s} "
+              f"{_fmt(side.get('matmul_fraction'), '6.1%'):>6s} "
               f"{_fmt(side['peak_memory_gib'], '9.2f'):>9s} {side['loss_step0']:10.6f} {side['losses'][-1]:10.6f}  "
               f"{side['impl']}; {side.get('optimizer', '')}", file=out)
     ratio = doc.get("ratio_tokens_per_s_ours_over_peer")
@@ -723,8 +763,9 @@ def record_row(doc: dict, path: Path = RESULTS_MD) -> None:
     import fcntl
 
     header = "## bench_throughput: training step tokens/s, MFU, peak memory (ours vs HF transformers)"
-    head = ("| date (UTC) | device | command | ours tok/s | ours MFU | ours peak GiB | peer tok/s | peer MFU | "
-            "peer peak GiB | ours/peer | notes |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| date (UTC) | device | command | ours tok/s | ours MFU | ours MFU causal | ours of matmul ceiling | "
+            "ours peak GiB | peer tok/s | peer MFU | peer MFU causal | peer peak GiB | ours/peer | notes |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     r = doc["results"]
     ours, peer = r.get("ours", {}), r.get("peer", {})
 
@@ -743,8 +784,10 @@ def record_row(doc: dict, path: Path = RESULTS_MD) -> None:
         notes += f", HF experts {peer['experts_implementation']}"
     if c["dry_run"]:
         notes += f", DRY RUN (CPU {c.get('precision')})"
-    figures = [cell(side, key, spec) for side in (ours, peer)
-               for key, spec in (("tokens_per_s", ".0f"), ("mfu", ".1%"), ("peak_memory_gib", ".1f"))]
+    figures = [cell(ours, key, spec) for key, spec in (("tokens_per_s", ".0f"), ("mfu", ".1%"), ("mfu_causal", ".1%"),
+                                                         ("matmul_fraction", ".1%"), ("peak_memory_gib", ".1f"))]
+    figures += [cell(peer, key, spec) for key, spec in (("tokens_per_s", ".0f"), ("mfu", ".1%"), ("mfu_causal", ".1%"),
+                                                         ("peak_memory_gib", ".1f"))]
     cells = [doc["date"][:16].replace("T", " "), doc["machine"]["device"], f"`{doc['command']}`", *figures,
              _fmt(doc.get("ratio_tokens_per_s_ours_over_peer"), ".2f", "-"), notes]
     row = "| " + " | ".join(cells) + " |\n"
@@ -799,9 +842,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         destroy_distributed()
     fpt = flops_per_token(job.model, args.seq_len, job.model.vocab_size)
+    fpt_causal = flops_per_token(job.model, args.seq_len, job.model.vocab_size, causal=True)
     peak = peak_flops(dev_name, args.peak_tflops) if on_gpu else None
+    matmul = args.matmul_tflops * 1e12 if args.matmul_tflops else None
     for side in results.values():
-        _add_mfu(side, fpt, peak)
+        _add_mfu(side, fpt, fpt_causal, peak, matmul)
     count = param_count(job.model, job.model.vocab_size)
     doc = {
         "benchmark": "bench_throughput",
@@ -817,6 +862,8 @@ def main(argv: list[str] | None = None) -> int:
             "compile": args.compile, "ours_adam": args.ours_adam, "peer": args.peer,
             "sdpa_backend": args.sdpa_backend,
             "peer_precision": args.peer_precision if bf16 else "fp32", "dry_run": args.dry_run,
+            "overrides": args.override,
+            "kernels": _kernels(job),
         },
         "machine": {
             "device": dev_name or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
@@ -828,8 +875,11 @@ def main(argv: list[str] | None = None) -> int:
                               "math": torch.backends.cuda.math_sdp_enabled()} if on_gpu else None),
         },
         "flops_per_token": fpt,
-        "flops_formula": "6 * active matmul params (incl. output layer) + 12 * layers * heads * head_dim * seq",
+        "flops_per_token_causal": fpt_causal,
+        "flops_formula": "6 * active matmul params (incl. output layer) + 12 * layers * heads * head_dim * seq; "
+                         "causal (Megatron-LM): 6 * ... * seq",
         "peak_bf16_flops": peak,
+        "matmul_ceiling_flops": matmul,
         "params": {"total": count.total, "active": count.active},
         "results": results,
     }

@@ -15,7 +15,7 @@ from pretrain.checkpoint import Checkpointer, check_resumable
 from pretrain.config import JobConfig
 from pretrain.data import Shards, build_datasets, microbatches
 from pretrain.models.qwen2.flops import flops_per_token
-from pretrain.models.qwen2.model import build_model_chunks, padded_vocab_size, transformer_config
+from pretrain.models.qwen2.model import build_model_chunks, padded_vocab_size, resolve_kernels, transformer_config
 from pretrain.optim import build_optimizer
 from pretrain.preflight import check_resume_shape, vocab_padding_note
 from pretrain.train_module import TrainModule
@@ -31,16 +31,18 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
     DDP + optimizer: a ``DeepSpeedTrainModule`` with the same ``train_batch`` contract.
     """
     p, t, bf16 = job.parallel, job.trainer, job.trainer.precision == "bf16"
+    kernels = resolve_kernels(t)  # trainer.fused_swiglu / cross_entropy / moe_grouped_gemm, auto resolved
     config = transformer_config(
         job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
         moe_dispatcher=p.moe_dispatcher, bf16=bf16, recompute=t.recompute, recompute_modules=tuple(t.recompute_modules),
-        recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers,
+        recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers, **kernels,
     )
     # TrainModule's loss is a per-token sum that megatron divides by the global token count; DDP reads
     # this flag when it is built to sum (not average) gradients over dp. Set later, gradients and the
     # reported norm came out dp times too small and clipping acted at dp x optim.clip_grad.
     config.calculate_per_token_loss = True
-    chunks = build_model_chunks(job.model, config, vocab_size)
+    chunks = build_model_chunks(job.model, config, vocab_size,
+                                cross_entropy_chunk=t.cross_entropy_chunk if kernels['cross_entropy'] == 'chunked' else 0)
     if init_weights and job.model.init_from is not None:  # before the optimizer copies the weights
         from pretrain.models.qwen2.convert import init_chunks_from
 
@@ -106,7 +108,8 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
         if t.eval_every:
             log.info("validation: %d samples, %d batches of %d every %d steps and at the end", len(valid_set),
                      t.eval_steps, t.global_batch_size, t.eval_every)
-    callbacks = [Throughput(flops_per_token(job.model, job.data.seq_len, vocab_size), mesh.world_size)]
+    callbacks = [Throughput(flops_per_token(job.model, job.data.seq_len, vocab_size), mesh.world_size,
+                            flops_per_token(job.model, job.data.seq_len, vocab_size, causal=True))]
     if mesh.is_logging_rank:
         callbacks += [ConsoleLogger(t.log_every, t.steps), MetricsFile(run_dir, t.plot_loss)]
         if t.wandb.mode != "disabled":

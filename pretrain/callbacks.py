@@ -42,8 +42,9 @@ class Callback:
 class Throughput(Callback):
     """Adds tokens/s, MFU and peak memory to the step metrics (the other callbacks read them)."""
 
-    def __init__(self, flops_per_token: float, world_size: int) -> None:
-        self.flops_per_token = flops_per_token
+    def __init__(self, flops_per_token: float, world_size: int, flops_per_token_causal: float | None = None) -> None:
+        self.flops_per_token = flops_per_token  # PaLM convention (attention not causal-discounted)
+        self.flops_per_token_causal = flops_per_token_causal  # Megatron-LM's (causal half of attention)
         self.world_size = world_size
         self.peak = peak_flops()
         self._last = time.perf_counter()
@@ -58,6 +59,8 @@ class Throughput(Callback):
         metrics["peak_mem_gib"] = peak_memory_gib()
         if self.peak:
             metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.world_size)
+            if self.flops_per_token_causal:
+                metrics["mfu_causal"] = tokens_per_s * self.flops_per_token_causal / (self.peak * self.world_size)
 
 
 class ConsoleLogger(Callback):
@@ -69,6 +72,8 @@ class ConsoleLogger(Callback):
         if step % self.every and step != self.total and step != 1 and "eval/loss" not in metrics:
             return
         mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+        if "mfu_causal" in metrics:
+            mfu += f" (causal {metrics['mfu_causal']:.1%})"
         skipped = f" | skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
         if "moe/load_balancing_loss" in metrics:
             skipped += (f" | aux {metrics['moe/load_balancing_loss']:.4f} | "

@@ -62,6 +62,9 @@ class OptimConfig:
     """torch AdamW's fused kernel (one kernel for all parameters). None = auto: fused on CUDA, torch's default
     elsewhere (for-loop on CPU); true/false force it. megatron-core without apex/TransformerEngine steps with
     torch AdamW, which it builds with torch's defaults (foreach on CUDA)."""
+    foreach_grad_norm: bool = True
+    """Gradient norm and clipping over all gradients with torch's foreach kernels (one device reduction, one host
+    sync). false: megatron-core's fallback without apex, which syncs with the host once per gradient tensor."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -132,6 +135,20 @@ class TrainerConfig:
     compile: bool = False
     """torch.compile each transformer layer (MoE: each attention block; megatron's token dispatch is
     data-dependent). Compiles on the first step (tens of seconds)."""
+    fused_swiglu: bool | None = None
+    """megatron-core's SwiGLU fusion (``bias_activation_fusion``: forward and backward as torch.compile'd kernels,
+    no TransformerEngine/apex). None = auto: on CUDA only (on CPU inductor's compile costs more than it saves)."""
+    cross_entropy: str = "auto"
+    """Loss over the vocabulary: 'megatron' (vocab-parallel cross-entropy: an fp32 copy of the [tokens x vocab]
+    logits kept for backward), 'fused' (megatron-core's native fused kernel, bf16 only: it returns bf16 logit
+    gradients), 'chunked' (output layer + cross-entropy over ``cross_entropy_chunk`` tokens at a time, logits
+    recomputed in backward: no [tokens x vocab] tensor is kept; tp = 1), 'auto' = fused with bf16 on CUDA, else
+    megatron."""
+    cross_entropy_chunk: int = 2048
+    """cross_entropy=chunked: tokens per chunk (each chunk's fp32 logits exist only while it is computed)."""
+    moe_grouped_gemm: bool | None = None
+    """MoE experts as one grouped GEMM per projection (megatron-core's GroupedMLP on torch._grouped_mm; bf16 only)
+    instead of a Python loop over experts (SequentialMLP). None = auto: on CUDA with bf16."""
     eval_every: int = 50
     """Validation loss every N steps and after the last step, on the data.split validation documents; 0 = off."""
     eval_steps: int = 4
@@ -164,6 +181,13 @@ class TrainerConfig:
                 )
         if self.recompute == "selective" and not self.recompute_modules:
             raise ConfigError("trainer.recompute=selective needs at least one entry in trainer.recompute_modules")
+        check_choice("trainer.cross_entropy", self.cross_entropy, ("auto", "megatron", "fused", "chunked"))
+        if self.cross_entropy_chunk < 1:
+            raise ConfigError(f"trainer.cross_entropy_chunk must be >= 1, got {self.cross_entropy_chunk}")
+        if self.precision != "bf16" and (self.cross_entropy == "fused" or self.moe_grouped_gemm):
+            knob = "trainer.cross_entropy=fused" if self.cross_entropy == "fused" else "trainer.moe_grouped_gemm=true"
+            raise ConfigError(f"{knob} needs trainer.precision=bf16 (megatron-core's kernel is bf16-only), got "
+                              f"{self.precision!r}")
         if self.eval_every < 0:
             raise ConfigError(f"trainer.eval_every must be >= 0 (0 = no evaluation), got {self.eval_every}")
         if self.eval_steps < 1:
@@ -268,6 +292,9 @@ def _check_step_knobs(job: JobConfig) -> None:
         kind = "cuda" if torch.cuda.is_available() else "cpu"
         if kind not in _get_fused_kernels_supported_devices():
             raise ConfigError(f"optim.fused=true: this torch ({torch.__version__}) has no fused AdamW for {kind}")
+    if trainer.cross_entropy == "chunked" and parallel.tp > 1:
+        raise ConfigError(f"trainer.cross_entropy=chunked runs with parallel.tp=1 only (got {parallel.tp}); use 'fused' "
+                          "or 'megatron' (vocab-parallel) under tensor parallelism")
     if trainer.eval_every and float(job.data.split.split(",")[1]) == 0:
         raise ConfigError(
             f"trainer.eval_every={trainer.eval_every} needs validation documents, but data.split={job.data.split!r} "

@@ -26,6 +26,7 @@ def build_optimizer(
     )
     optimizer = get_megatron_optimizer(config, chunks)
     set_adamw_kernel(optimizer, fused_adamw(optim.fused))
+    set_grad_norm_kernel(optim.foreach_grad_norm)
     return optimizer, build_scheduler(optim, optimizer, total_steps=total_steps)
 
 
@@ -52,6 +53,44 @@ def set_adamw_kernel(optimizer, fused: bool) -> None:
         for group in torch_opt.param_groups:
             group.update(fused=True, foreach=None)
         torch_opt._step_supports_amp_scaling = True  # as AdamW(fused=True).__init__ sets
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for apex's ``amp_C.multi_tensor_l2norm``: the L2 norm of all tensors, left on the device.
+
+    megatron-core's fallback without apex (``local_multi_tensor_l2_norm``) builds ``torch.tensor(l2)`` from
+    a list of per-tensor 0-d device norms: one device-to-host copy per gradient tensor (~340 per step for
+    Qwen2-1.5B), each waiting for the GPU. Here: ``torch._foreach_norm`` (a few multi-tensor kernels) and one
+    reduction; the caller's ``.item()`` on the all-reduced total is the step's only sync for the norm.
+    """
+    (tensors,) = tensor_lists
+    norms = torch._foreach_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return total.reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for apex's ``amp_C.multi_tensor_scale`` (dst = src * scale) in foreach kernels (clipping)."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def set_grad_norm_kernel(foreach: bool) -> None:
+    """``optim.foreach_grad_norm``: megatron-core's grad-norm and clipping helpers on foreach kernels (true) or its
+    own fallback (false). Only replaces the fallback: where apex's fused kernels were found they stay."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+    originals = getattr(clip_grads, "_qwen_originals", None)
+    if originals is None:
+        originals = clip_grads._qwen_originals = (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl)
+    if originals[0] is not local_multi_tensor_l2_norm or originals[1] is not local_multi_tensor_scale:
+        return  # apex's amp_C kernels: already fused
+    clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl = (
+        (_foreach_l2_norm, _foreach_scale) if foreach else originals)
 
 
 def build_scheduler(optim: OptimConfig, optimizer, *, total_steps: int) -> OptimizerParamScheduler:

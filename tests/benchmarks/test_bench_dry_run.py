@@ -26,6 +26,8 @@ RUNS = {
     "moe": ["--model", "qwen2_moe_tiny"],
     # The GPU's bf16 code paths (Float16Module, bf16 peer with fp32 master weights), run on the CPU.
     "dense_bf16": ["--model", "qwen2_tiny", "--precision", "bf16", "--no-profile"],
+    # The real preset's shape (151,936-word vocabulary, tied embeddings), cut to 2 layers: what the GPU runs.
+    "real_0_5b": ["--model", "qwen2_0_5b", "--keep-preset", "--layers", "2", "--seq-len", "64", "--no-profile"],
 }
 
 
@@ -133,8 +135,23 @@ def test_record_appends_only(tmp_path):
 
 def test_peak_table():
     bench = _bench_module()
-    assert bench.peak_flops("NVIDIA H100 80GB HBM3", None) == 989e12
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", None) == 989.4e12
     assert bench.peak_flops("NVIDIA H100 PCIe", None) == 756e12
-    assert bench.peak_flops("NVIDIA H200", None) == 989e12
+    assert bench.peak_flops("NVIDIA H200", None) == 989.4e12
     assert bench.peak_flops("Some Future GPU", None) is None
     assert bench.peak_flops("NVIDIA H100 80GB HBM3", 500) == 500e12
+
+
+def test_real_preset_shape(dry_runs):
+    doc = dry_runs["real_0_5b"]
+    c = doc["config"]
+    assert c["model"] == "qwen2_0_5b" and c["layers"] == 2 and c["vocab_size"] == 151936
+    ours, peer = doc["results"]["ours"], doc["results"]["peer"]
+    assert ours["freed"] and peer["weights"] == "same as ours"  # tied: one embedding, converted and loaded
+    # ln(151936) = 11.93: an untrained model's loss sits near it, the same on both sides.
+    assert abs(ours["loss_step0"] - 11.93) < 0.5
+    assert all(abs(a - b) < 1e-4 for a, b in zip(ours["losses"], peer["losses"])), (ours["losses"], peer["losses"])
+    # Both MFU conventions are computed from the same shape: the causal one discounts half the attention term.
+    from pretrain.models.qwen2.flops import flops_per_token  # noqa: F401 - importable without a GPU
+    m = 2 * 14 * 64 * 64  # layers * heads * head_dim * seq
+    assert doc["flops_per_token"] - doc["flops_per_token_causal"] == pytest.approx(6 * m)

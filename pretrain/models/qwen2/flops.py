@@ -1,8 +1,13 @@
 """Parameter counts and training FLOPs per token of a Qwen2 shape (for MFU and for checking presets).
 
-FLOPs follow the PaLM / torchtitan convention: 6 FLOPs per token per active matmul weight (forward 2,
-backward 4, output layer included, embedding lookup excluded) plus 12 · layers · heads · head_dim · seq
-for attention scores and values (causal masking not discounted).
+FLOPs: 6 FLOPs per token per active matmul weight (forward 2, backward 4, output layer included, embedding
+lookup excluded) plus attention scores and values. Two conventions for the attention term, reported side by
+side because published MFU figures use either:
+
+* PaLM / torchtitan / nanotron (``causal=False``, the default): 12 · layers · heads · head_dim · seq, every
+  query-key pair counted (causal masking not discounted);
+* Megatron-LM's ``num_floating_point_operations`` (``causal=True``): half of that, 6 · layers · heads ·
+  head_dim · seq, since a causal kernel skips the masked half.
 """
 from __future__ import annotations
 
@@ -55,10 +60,11 @@ def param_count(m: ModelConfig, vocab_size: int | None = None) -> ParamCount:
     return ParamCount(total=count(False), active=count(True), embedding=embedding)
 
 
-def flops_per_token(m: ModelConfig, seq_len: int, vocab_size: int | None = None) -> float:
-    """Training FLOPs (forward + backward) per token at sequence length ``seq_len``."""
+def flops_per_token(m: ModelConfig, seq_len: int, vocab_size: int | None = None, *, causal: bool = False) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length ``seq_len``; ``causal`` halves the
+    attention term (Megatron-LM's convention), else every query-key pair counts (PaLM's)."""
     vocab = vocab_size or m.vocab_size
     per_layer = _attention_params(m) + _mlp_params(m, active=True) - m.hidden_size * (m.num_experts or 0)
     matmul_params = m.num_layers * per_layer + vocab * m.hidden_size  # output layer always runs
-    attention = 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
+    attention = (6 if causal else 12) * m.num_layers * m.num_heads * m.head_dim * seq_len
     return 6 * matmul_params + attention

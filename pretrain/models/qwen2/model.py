@@ -9,6 +9,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from common.errors import ConfigError
 from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.qwen2.loss import Qwen2GPTModel
 from pretrain.models.qwen2.spec import block_spec
 
 
@@ -42,10 +43,13 @@ def transformer_config(
     recompute_modules: tuple[str, ...] = ("core_attn",),
     recompute_method: str = "uniform",
     recompute_num_layers: int = 1,
+    fused_swiglu: bool = False,
+    cross_entropy: str = "megatron",
+    moe_grouped_gemm: bool = False,
     on_cuda: bool = torch.cuda.is_available(),
 ) -> TransformerConfig:
-    """Map a Qwen2 shape, a parallel layout and activation recompute (``trainer.recompute*``) onto
-    megatron-core's ``TransformerConfig``."""
+    """Map a Qwen2 shape, a parallel layout, activation recompute (``trainer.recompute*``) and the kernel knobs
+    (resolved by :func:`resolve_kernels`) onto megatron-core's ``TransformerConfig``."""
     moe = {}
     if model.is_moe:
         # With per-token loss (calculate_per_token_loss, what TrainModule uses) megatron-core 0.16.1 weights
@@ -74,7 +78,8 @@ def transformer_config(
             moe_z_loss_coeff=model.moe_z_loss_coeff * token_shards if model.moe_z_loss_coeff is not None else None,
             moe_router_dtype="fp32",
             moe_token_dispatcher_type=moe_dispatcher,
-            moe_grouped_gemm=False,
+            moe_grouped_gemm=moe_grouped_gemm,
+            moe_use_legacy_grouped_gemm=moe_grouped_gemm,  # GroupedMLP (TEGroupedMLP needs TransformerEngine)
         )
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -104,8 +109,11 @@ def transformer_config(
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        # Kernels that need apex/TransformerEngine are off; torch SDPA and fused AdamW stand in.
-        bias_activation_fusion=False,
+        # Kernels that need apex/TransformerEngine are off; torch SDPA and fused AdamW stand in. megatron-core's
+        # own SwiGLU and cross-entropy fusions are torch.compile'd and need neither.
+        bias_activation_fusion=fused_swiglu,
+        cross_entropy_loss_fusion=cross_entropy == "fused",
+        cross_entropy_fusion_impl="native",
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
@@ -129,12 +137,29 @@ def _recompute_fields(recompute: str, modules, method: str, num_layers: int) -> 
     return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=num_layers)
 
 
-def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
-    """This rank's GPTModel chunks (one per virtual pipeline stage), on the current device."""
+def resolve_kernels(trainer, *, on_cuda: bool = torch.cuda.is_available()) -> dict:
+    """``trainer.fused_swiglu`` / ``cross_entropy`` / ``moe_grouped_gemm`` with auto (null) resolved: the fast
+    paths on CUDA, the fused cross-entropy and grouped GEMM with bf16 only (their kernels are bf16)."""
+    bf16 = trainer.precision == "bf16"
+    ce = trainer.cross_entropy
+    if ce == "auto":
+        ce = "fused" if on_cuda and bf16 else "megatron"
+    return dict(
+        fused_swiglu=on_cuda if trainer.fused_swiglu is None else trainer.fused_swiglu,
+        cross_entropy=ce,
+        moe_grouped_gemm=on_cuda and bf16 if trainer.moe_grouped_gemm is None else trainer.moe_grouped_gemm,
+    )
+
+
+def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size: int, *,
+                       cross_entropy_chunk: int = 0) -> list[GPTModel]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), on the current device.
+    ``cross_entropy_chunk`` > 0: the loss goes through :func:`loss.chunked_linear_cross_entropy`."""
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
-        chunk = GPTModel(
+        chunk = Qwen2GPTModel(
+            cross_entropy_chunk=cross_entropy_chunk,
             config=config,
             transformer_layer_spec=block_spec(model, config, vp_stage if vpp > 1 else None),
             vocab_size=vocab_size,

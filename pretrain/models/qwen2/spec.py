@@ -18,12 +18,20 @@ from pretrain.models.qwen2.config import ModelConfig
 from pretrain.models.qwen2.layers import RMSNorm, SDPAttention
 
 
-def layer_spec(model: ModelConfig) -> ModuleSpec:
-    """One Qwen2 decoder layer: pre-norm GQA self-attention, then a pre-norm SwiGLU MLP or MoE block."""
+def layer_spec(model: ModelConfig, *, grouped_experts: bool = False) -> ModuleSpec:
+    """One Qwen2 decoder layer: pre-norm GQA self-attention, then a pre-norm SwiGLU MLP or MoE block
+    (experts: megatron-core's SequentialMLP, or GroupedMLP on torch's grouped GEMM with ``grouped_experts``)."""
     backend = LocalSpecProvider()
     core_attention = DotProductAttention if model.attention_backend == "local" else SDPAttention
     if model.is_moe:
-        mlp = get_moe_module_spec_for_backend(backend=backend, num_experts=model.num_experts)
+        if grouped_experts:
+            from pretrain.models.qwen2 import grouped_gemm
+
+            grouped_gemm.install()
+        # The local backend's grouped module is the "legacy" GroupedMLP (TEGroupedMLP needs TransformerEngine).
+        mlp = get_moe_module_spec_for_backend(backend=backend, num_experts=model.num_experts,
+                                              moe_grouped_gemm=grouped_experts,
+                                              moe_use_legacy_grouped_gemm=grouped_experts)
     else:
         mlp = ModuleSpec(
             module=MLP,
@@ -57,4 +65,5 @@ def layer_spec(model: ModelConfig) -> ModuleSpec:
 def block_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
     """The layers this pipeline stage builds, plus the final norm (our RMSNorm, so sequence parallel works)."""
     n_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(model)] * n_layers, layer_norm=RMSNorm)
+    spec = layer_spec(model, grouped_experts=config.moe_grouped_gemm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n_layers, layer_norm=RMSNorm)
