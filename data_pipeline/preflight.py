@@ -6,12 +6,12 @@ the same check from Hydra's ``on_run_start`` callback, which comes first.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from common.cli import exit_bad_input
 from common.errors import ConfigError
 
 
@@ -39,6 +39,5 @@ class OutputDirCheck(Callback):
     def on_run_start(self, config, **kwargs) -> None:
         try:
             check_output_dir(str(config.data_pipeline.output_dir))
-        except ConfigError as exc:
-            print(f"config error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        except ConfigError as exc:  # SystemExit: Hydra lets it through, before its run directory exists
+            exit_bad_input("config error", exc)
