@@ -80,8 +80,9 @@ def _expert_weights(gpt) -> dict[str, torch.Tensor]:
         if name.endswith("experts.weight1") or name.endswith("experts.weight2"):
             prefix, which = name.rsplit(".", 1)
             n = gpt.config.num_moe_experts
-            if which == "weight1":  # [h, E * 2f] -> per expert fc1 [2f, h]
-                for e, w in enumerate(p.view(p.shape[0], n, -1).unbind(1)):
+            # GroupedMLP reads weight1 [h, E * 2f] as .view(E, h, 2f) and weight2 [E * f, h] as .view(E, f, h)
+            if which == "weight1":  # -> per expert fc1 [2f, h]
+                for e, w in enumerate(p.view(n, gpt.config.hidden_size, -1).unbind(0)):
                     out[f"{prefix}.local_experts.{e}.linear_fc1.weight"] = w.t().contiguous()
             else:  # [E * f, h] -> per expert fc2 [h, f]
                 for e, w in enumerate(p.view(n, -1, p.shape[1]).unbind(0)):
@@ -109,7 +110,7 @@ def _load_expert_weights(module, weights: dict[str, torch.Tensor]) -> None:
         for name, p in gpt.named_parameters():
             if name.endswith("experts.weight1"):
                 prefix = name.rsplit(".", 1)[0]
-                w = torch.stack([weights[f"{prefix}.local_experts.{e}.linear_fc1.weight"].t() for e in range(n)], 1)
+                w = torch.stack([weights[f"{prefix}.local_experts.{e}.linear_fc1.weight"].t() for e in range(n)], 0)
                 p.copy_(w.reshape(p.shape))
             elif name.endswith("experts.weight2"):
                 prefix = name.rsplit(".", 1)[0]
