@@ -1,0 +1,91 @@
+"""The planner before launch: a layout predicted not to fit a GPU is a config error; on CPU the prediction is logged.
+
+``check_before_launch(job, world_size, tokenizer_vocab)`` is called by the trainer before any process group
+starts. On CUDA it looks the device up in the GPU table (by name) and refuses a layout whose predicted
+per-GPU memory exceeds it, naming the largest memory term and the fastest layout that fits the same job.
+On CPU it logs the prediction; ``log_measured(module, job, vocab)`` logs the measured model states beside it
+(after an optimizer step, when Adam's moments exist).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from common.errors import ConfigError
+from pretrain.plan.memory import GiB, Layout, model_states
+
+log = logging.getLogger("pretrain.plan")
+
+
+def layout_of(job, dp: int) -> Layout:
+    p, t = job.parallel, job.trainer
+    return Layout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp, dp=dp,
+                  sequence_parallel=p.sequence_parallel, zero=p.zero, micro_batch_size=t.micro_batch_size,
+                  recompute=t.recompute, recompute_modules=tuple(t.recompute_modules),
+                  recompute_num_layers=t.recompute_num_layers, overlap_grad_reduce=p.overlap_grad_reduce)
+
+
+def _device_gpu():
+    import torch
+
+    from pretrain.plan.hardware import GPUS
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().lower()
+    for key, spec in GPUS.items():
+        family, size = key.split("_")[0], key.split("_")[-1].replace("gb", "")
+        if family in name and (size in name or not size.isdigit()):
+            return spec
+    for key, spec in GPUS.items():
+        if key.split("_")[0] in name:
+            return spec
+    return None
+
+
+def check_before_launch(job, world_size: int, vocab: int, *, gpu=None) -> None:
+    from pretrain.models.qwen2.model import padded_vocab_size
+    from pretrain.plan.search import estimate, plan
+
+    bf16 = job.trainer.precision == "bf16"
+    dp = world_size // job.parallel.model_parallel_size
+    vocab = padded_vocab_size(job.model, vocab, job.parallel.tp)
+    lay = layout_of(job, dp)
+    gpu = gpu or _device_gpu()
+    if gpu is None:  # CPU (or an unknown GPU): log what the planner expects this rank to hold
+        states = model_states(job.model, vocab, lay, bf16=bf16)
+        log.info("planner: model states per rank (pipeline rank 0) predicted: weights %.2f MiB, gradients %.2f MiB, "
+                 "master weights %.2f MiB, optimizer state %.2f MiB", *(x / 2**20 for x in (
+                     states.weights, states.gradients, states.master_weights, states.optimizer_state)))
+        return
+    est = estimate(job.model, vocab, lay, gpu, seq_len=job.data.seq_len,
+                   global_batch_size=job.trainer.global_batch_size, bf16=bf16, reserved_gib=4.0)
+    if est.feasible:
+        log.info("planner: %.1f GiB per GPU predicted of %.1f (%s)", est.memory["total"], gpu.memory_gib, gpu.name)
+        return
+    fits = [e for e in plan(job.model, vocab, gpu, gpus=world_size, seq_len=job.data.seq_len,
+                            global_batch_size=job.trainer.global_batch_size, bf16=bf16) if e.feasible]
+    hint = f"; a layout that fits: {fits[0].layout.describe()}" if fits else "; no layout of this job fits"
+    raise ConfigError(f"the layout {lay.describe()} is predicted not to fit a {gpu.name}: {est.reason}{hint} "
+                      "(python -m pretrain.plan ranks them all)")
+
+
+def log_measured(module, job, vocab: int, *, pp_rank: int = 0, dp_rank: int = 0) -> None:
+    """Log measured model-state bytes of this rank beside the planner's prediction (call after a step)."""
+    from pretrain.plan.measure import model_state_bytes
+
+    measured = model_state_bytes(module)
+    predicted = dataclasses.asdict(model_states(job.model, vocab, layout_of(job, _dp(job, module)),
+                                                bf16=job.trainer.precision == "bf16", pp_rank=pp_rank,
+                                                dp_rank=dp_rank))
+    log.info("planner vs measured (MiB): " + ", ".join(
+        f"{k} {predicted[k] / 2**20:.2f}/{measured[k] / 2**20:.2f}" for k in measured))
+
+
+def _dp(job, module) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() // job.parallel.model_parallel_size
+
+
+__all__ = ["check_before_launch", "log_measured", "layout_of", "GiB"]
