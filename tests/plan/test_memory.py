@@ -101,20 +101,14 @@ STATE_CASES = {
         "pp2-tied-bf16": ("tied", dict(pp=2), "bf16"),
         "dp2-zero0-bf16": ("dense", dict(zero=0), "bf16"),
         "dp2-zero1-bf16": ("dense", dict(zero=1), "bf16"),
-        "dp2-zero1-tied-fp32": ("tied", dict(zero=1), "fp32"),
         "cp2-bf16": ("dense", dict(cp=2), "bf16"),
         "ep2-bf16": ("moe", dict(ep=2), "bf16"),
-        "moe-tp2-sp-bf16": ("moe", dict(tp=2, sequence_parallel=True), "bf16"),
         "ds-zero2-bf16": ("dense", dict(zero=2), "bf16"),
         "ds-zero3-bf16": ("dense", dict(zero=3), "bf16"),
-        "ds-zero3-fp32": ("dense", dict(zero=3), "fp32"),
     },
     4: {
         "tp2-sp-pp2-bf16": ("dense", dict(tp=2, sequence_parallel=True, pp=2), "bf16"),
-        "tp2-dp2-zero1-bf16": ("dense", dict(tp=2, zero=1), "bf16"),
-        "ep2-dp4-bf16": ("moe", dict(ep=2), "bf16"),
         "moe-tp2-sp-ep2-etp1-bf16": ("moe", dict(tp=2, sequence_parallel=True, ep=2, etp=1), "bf16"),
-        "ds-zero2-dp4-fp32": ("dense", dict(zero=2), "fp32"),
     },
 }
 
