@@ -46,7 +46,10 @@ up() {
   local mem_mb real_memory proctrack k
   mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
   real_memory=$(( mem_mb * 85 / 100 / nodes ))
-  if [ -d /sys/fs/cgroup/freezer ]; then proctrack=proctrack/cgroup; else proctrack=proctrack/linuxproc; fi
+  # Not proctrack/cgroup: every slurmd of this machine would put a job's step into the same cgroup
+  # (slurm/uid_0/job_<id>/step_<n>), and one node ending or cleaning up its part of a multi-node step
+  # would kill the other nodes' processes too. linuxproc follows each slurmstepd's own process tree.
+  proctrack=proctrack/linuxproc
 
   # --- network: a bridge in its own namespace, one veth link per node ---------------------------------
   ip netns list | grep -qx "$SWITCH_NS\( .*\)\{0,1\}" || ip netns add "$SWITCH_NS"
