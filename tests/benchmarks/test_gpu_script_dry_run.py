@@ -46,7 +46,7 @@ def test_every_phase_ran_and_wrote_its_file(rehearsal):
     docs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert docs, log[-3000:]
     assert docs[0]["config"]["model"] == "qwen2_tiny" and docs[0]["config"]["peer"] == "hf"  # the 1.5B's stand-in
-    order = [line.split()[2] for line in log.splitlines() if "=== " in line and ": exit" in line]
+    order = [line.split()[2].rstrip(":") for line in log.splitlines() if "=== " in line and ": exit" in line]
     assert order[:3] == ["gate_fp32", "gate_bf16", "headline_qwen2_1_5b"], order
     for doc in docs:
         assert doc["config"]["dry_run"] and "kernels" in doc["config"]
