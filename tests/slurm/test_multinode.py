@@ -39,6 +39,11 @@ RUNS = {
     "pp2-1node": (1, 2, ["parallel=pp2", *SHORT]),
 }
 NODE_LOSS_BOUND_S = 60  # documented in docs/slurm.md: SlurmdTimeout=6 + the controller's ping and kill
+COLLECTIVE_TIMEOUT_S = 30  # parallel.timeout_s of the node-loss runs (does not change the losses)
+# A killed node stays down this long, as a crashed machine that reboots. Back within about a minute,
+# its new slurmd got the requeued job (same id) killed again ~50-70 s after the failure here (twice, the
+# cleanup of the lost instance reaching it late); a node down for 3 minutes did not (docs/slurm.md).
+NODE_DOWN_S = 75
 
 
 class Run:
@@ -256,6 +261,20 @@ def test_data_stage_on_two_nodes_equals_one_node(multinode, tmp_path):
     assert counts(stats_two) == counts(stats_one)
 
 
+def training_processes(netns: str) -> list[str]:
+    """Pids of `python -m pretrain` ranks running in a node's network namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+    alive = []
+    for pid in pids:
+        try:
+            if b"pretrain" in Path(f"/proc/{pid}/cmdline").read_bytes() and b"torch.distributed.run" not in \
+                    Path(f"/proc/{pid}/cmdline").read_bytes():
+                alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
 def lose_node(run: Run, multinode, how: str) -> float:
     """Take mn2 down while ``run`` trains past its step-20 checkpoint; seconds until the job left RUNNING."""
     wait_until(lambda: run.latest() == "step_00000020", 400, "the step-20 checkpoint", run)
@@ -274,15 +293,27 @@ def lose_node(run: Run, multinode, how: str) -> float:
 def test_node_loss_ends_the_job_in_bounded_time_and_it_resumes(runs, multinode, shards, how):
     reference = runs["dp-2nodes"].completed()
     wait_idle(multinode)
-    run = Run(multinode, reference.dir.parent, f"node-loss-{how}", 2, 1, ["parallel=single", *BASE], shards)
+    run = Run(multinode, reference.dir.parent, f"node-loss-{how}", 2, 1,
+              ["parallel=single", *BASE, f"parallel.timeout_s={COLLECTIVE_TIMEOUT_S}"], shards)
+    lost_at = time.monotonic()
     try:
         ended_after = lose_node(run, multinode, how)
+        lost_at = time.monotonic() - ended_after
         info = run.wait(lambda i: i.get("Restarts") == "1" or i.get("JobState") in TERMINAL - {"NODE_FAIL"},
                         timeout=120)
         assert info.get("Restarts") == "1", info
         assert ended_after < NODE_LOSS_BOUND_S, ended_after
+        if how == "cut-link":
+            # Cut off, mn2's rank waits in a collective nobody answers: parallel.timeout_s ends it, not the
+            # wall-clock limit (Slurm cannot reach it to kill it).
+            deadline = time.monotonic() + COLLECTIVE_TIMEOUT_S + 45
+            while training_processes("slurm-mn2"):
+                assert time.monotonic() < deadline, "mn2's rank outlived parallel.timeout_s"
+                time.sleep(1)
     finally:
         # The node comes back (up.sh restarts its slurmd and sets the link up again; ReturnToService=2).
+        if how == "kill":
+            time.sleep(max(0.0, NODE_DOWN_S - (time.monotonic() - lost_at)))
         subprocess.run([str(REPO / "slurm/cluster/up.sh"), "--nodes", "2"], capture_output=True, timeout=120)
     run.completed()
     starts = run.starts()
