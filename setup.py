@@ -17,6 +17,7 @@ setup(
         "megatron-core==0.16.1",
         "psutil",  # imported by megatron-core's dist_checkpointing, not declared by it
         "datatrove[io]==0.10.1",
+        "regex",  # imported by datatrove's utils/text.py (filters, dedup) but declared only in its processing extra
         "spacy",  # the word tokenizer of datatrove's Gopher/C4/FineWeb filters (spacy.blank, no model download)
         "tokenizers>=0.21",
         "hydra-core>=1.3.2,<1.4",

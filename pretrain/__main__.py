@@ -30,7 +30,8 @@ from common.errors import ConfigError, DataError, TrainingDivergedError
 from pretrain import preflight
 from pretrain.checkpoint import check_run_resumable
 from pretrain.config import JobConfig, register_configs, validate_job
-from pretrain.data import Shards
+from pretrain.data import Shards, check_blend
+from pretrain.plan.check import check_before_launch
 
 log = logging.getLogger("pretrain")
 register_configs()
@@ -65,6 +66,8 @@ def run(job: JobConfig, run_dir: Path, resolved_config: str | None = None) -> No
     # Shards, vocabulary, init_from; the shape of the checkpoint it resumes from is checked in build_trainer,
     # after the ranks chose it together (verifying it here would read it once per rank).
     preflight.check_job(job, resumes=preflight.has_checkpoint(run_dir / "checkpoints"))
+    check_blend(job.data, shards, validation=bool(job.trainer.eval_every))  # a split part with no documents
+    check_before_launch(job, world_size_from_env(), shards.vocab_size)  # predicted not to fit the GPU: refused
     if resolved_config is not None:  # only now: a refused job leaves the run directory as it was
         (run_dir / "resolved_config.yaml").write_text(resolved_config)
     mesh = init_distributed(job.parallel, seed=job.trainer.seed)
@@ -104,6 +107,9 @@ def main(cfg: DictConfig) -> None:
             dp = validate_job(job, nproc)  # refuse a bad layout before starting any process
             latest = check_run_resumable(run_dir / "checkpoints", zero=job.parallel.zero, dp=dp)
             preflight.check_job(job, resume_from=latest)  # every check a rank would make, before any starts
+            shards = Shards.from_config(job.data)
+            check_blend(job.data, shards, validation=bool(job.trainer.eval_every))
+            check_before_launch(job, nproc, shards.vocab_size)
             _launch_local(nproc, run_dir, sweep_overrides)
             return
         run(job, run_dir, OmegaConf.to_yaml(cfg, resolve=True) if rank == 0 else None)

@@ -10,7 +10,7 @@ from megatron.core.transformer.module import Float16Module
 
 from parallel.data import apply_ddp
 from parallel.mesh import Mesh
-from pretrain.callbacks import ConsoleLogger, MetricsFile, Throughput, WandbLogger
+from pretrain.callbacks import ConsoleLogger, MetricsFile, PlannerVsMeasured, Throughput, WandbLogger
 from pretrain.checkpoint import Checkpointer, check_resumable
 from pretrain.config import JobConfig
 from pretrain.data import Shards, build_datasets, microbatches
@@ -111,7 +111,8 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
     callbacks = [Throughput(flops_per_token(job.model, job.data.seq_len, vocab_size), mesh.world_size,
                             flops_per_token(job.model, job.data.seq_len, vocab_size, causal=True))]
     if mesh.is_logging_rank:
-        callbacks += [ConsoleLogger(t.log_every, t.steps), MetricsFile(run_dir, t.plot_loss)]
+        callbacks += [ConsoleLogger(t.log_every, t.steps), MetricsFile(run_dir, t.plot_loss),
+                      PlannerVsMeasured(job, vocab_size)]
         if t.wandb.mode != "disabled":
             callbacks.append(WandbLogger(
                 run_dir, mode=t.wandb.mode, project=t.wandb.project, entity=t.wandb.entity, group=t.wandb.group,

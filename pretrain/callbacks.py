@@ -39,6 +39,24 @@ class Callback:
     def on_error(self, trainer, exc: BaseException) -> None: ...
 
 
+class PlannerVsMeasured(Callback):
+    """After the first step (Adam's moments exist), logs this rank's measured model-state bytes beside the
+    layout planner's prediction (``python -m pretrain.plan``): a drift shows in every run's log."""
+
+    def __init__(self, job, vocab_size: int) -> None:
+        self.job, self.vocab_size, self.done = job, vocab_size, False
+
+    def on_step_end(self, trainer, step, result, metrics) -> None:
+        if not self.done:
+            from pretrain.plan.check import log_measured
+
+            self.done = True
+            try:
+                log_measured(trainer.module, self.job, self.vocab_size)
+            except Exception as exc:  # noqa: BLE001 - a diagnostic line must never stop a training run
+                log.warning("planner vs measured: not available for this layout (%s)", exc)
+
+
 class Throughput(Callback):
     """Adds tokens/s, MFU and peak memory to the step metrics (the other callbacks read them)."""
 

@@ -2,20 +2,41 @@
 
 The contract with ``data_pipeline`` is the ``manifest.json`` it writes next to the ``.bin``/``.idx``
 shards (tokenizer, vocabulary size, end-of-document id, shard prefixes).
+
+Real outputs have many shards (one per data-stage task) and blends have sources of very different
+sizes. megatron-core splits every shard into train/validation/test by documents (``data.split``) and
+loops forever on a split part with no tokens, so the blend of each split is planned here first
+(:func:`plan_blend`): a shard whose part of a split is empty is left out of that split's blend and its
+source's weight is spread over the source's other shards; a source with no training documents is a
+``ConfigError``; a source with no validation documents is left out of validation (a warning names it)
+and only when no source has any is validation a ``ConfigError``. Nothing here can hang.
 """
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import Split
 
 from common.errors import ConfigError
 from pretrain.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+# What one training step reads from a sample; megatron's BlendedDataset adds a numpy ``dataset_id``.
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 @dataclass(frozen=True)
@@ -23,14 +44,17 @@ class Shards:
     """What the manifests of ``data.paths`` say, merged and checked for one shared tokenizer."""
 
     prefixes: list[str]
-    weights: list[float] | None
+    path_of: list[int]
+    """For each prefix, the index in ``data.paths`` of the output it belongs to."""
+    path_weights: list[float] | None
+    """``data.weights`` (one per path), or None: proportional to each path's tokens."""
     vocab_size: int
     eod_id: int
     tokenizer_path: str
 
     @classmethod
     def from_config(cls, data: DataConfig) -> "Shards":
-        prefixes, per_path_tokens, weights = [], [], []
+        prefixes, path_of = [], []
         first = None
         for i, path in enumerate(data.paths):
             manifest_path = Path(path) / "manifest.json"
@@ -39,28 +63,101 @@ class Shards:
                     f"data.paths[{i}]={path!r} has no manifest.json: run `python -m data_pipeline` to write "
                     "token shards there, or point data.paths at a directory that has them"
                 )
-            manifest = json.loads(manifest_path.read_text())
+            try:
+                manifest = json.loads(manifest_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"data.paths[{i}]={path!r}: manifest.json is not valid JSON ({exc})") from None
             if first is None:
                 first = manifest
             elif manifest.get("tokenizer_sha256") != first.get("tokenizer_sha256"):
                 raise ConfigError(f"data.paths[{i}]={path!r} was tokenized with a different tokenizer than data.paths[0]")
-            shards = manifest["shards"]
+            shards = manifest.get("shards")
             if not shards:
                 raise ConfigError(f"data.paths[{i}]={path!r}: its manifest lists no shards")
             for shard in shards:
                 prefixes.append(str(Path(path) / shard["prefix"]))
-                per_path_tokens.append(shard["tokens"])
-            if data.weights is not None:
-                # Spread the path's weight over its shards in proportion to their tokens.
-                total = sum(s["tokens"] for s in shards)
-                weights += [data.weights[i] * s["tokens"] / total for s in shards]
+                path_of.append(i)
         return cls(
             prefixes=prefixes,
-            weights=weights if data.weights is not None else None,
+            path_of=path_of,
+            path_weights=list(data.weights) if data.weights is not None else None,
             vocab_size=int(first["vocab_size"]),
             eod_id=int(first["eod_id"]),
             tokenizer_path=str(Path(data.paths[0]) / first["tokenizer"]),
         )
+
+
+@dataclass(frozen=True)
+class SplitBlend:
+    """The shards one split draws from, and their weights (None: one shard, megatron's plain dataset)."""
+
+    split: Split
+    prefixes: list[str]
+    weights: list[float] | None
+    path_shares: dict[int, float]
+    """Each contributing ``data.paths`` index -> its share of this split's samples (sums to 1)."""
+
+
+def split_matrix(split: str) -> list[tuple[float, float] | None]:
+    """megatron-core's book-ends of ``data.split`` ("98,2,0" -> [(0, .98), (.98, 1), None])."""
+    return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+
+
+def split_tokens(prefix: str, bookends: tuple[float, float] | None) -> int:
+    """Tokens of the documents megatron-core puts in one split of one shard (its own rounding rule)."""
+    if bookends is None:
+        return 0
+    index = IndexedDataset(prefix)  # memory-mapped: its arrays live only as long as it does
+    lengths = np.array(index.sequence_lengths)
+    del index
+    n = len(lengths)
+    beg, end = int(round(bookends[0] * n)), int(round(bookends[1] * n))
+    return int(lengths[beg:end].sum(dtype=np.int64))
+
+
+def plan_blend(data: DataConfig, shards: Shards, split: Split) -> SplitBlend | None:
+    """The blend of one split; None when no source has documents in it (the caller decides if that is an error).
+
+    Raises ConfigError when a source has no training documents: training would silently ignore it.
+    """
+    bookends = split_matrix(data.split)[split.value]
+    tokens = [split_tokens(prefix, bookends) for prefix in shards.prefixes]
+    per_path = [0] * len(data.paths)
+    for path, n in zip(shards.path_of, tokens):
+        per_path[path] += n
+    for i, n in enumerate(per_path):
+        if n:
+            continue
+        where = f"data.paths[{i}]={data.paths[i]!r}"
+        if split == Split.train:
+            raise ConfigError(f"{where} has no training documents under data.split={data.split!r}: "
+                              "give training a larger share of the split, or drop the path")
+        if any(per_path):
+            log.warning("%s has no %s documents under data.split=%r (too few documents in each shard): "
+                        "validation uses the other paths only", where, split.name, data.split)
+    if not any(per_path):
+        return None
+    # A path's weight: data.weights, else its tokens in this split; spread over its shards by their tokens.
+    path_weight = [(shards.path_weights[i] if shards.path_weights is not None else n) if n else 0.0
+                   for i, n in enumerate(per_path)]
+    total = sum(path_weight)
+    shares = {i: w / total for i, w in enumerate(path_weight) if w}
+    keep = [j for j, n in enumerate(tokens) if n]
+    prefixes = [shards.prefixes[j] for j in keep]
+    if len(prefixes) == 1 and shards.path_weights is None:
+        weights = None  # one shard: megatron's plain GPTDataset, no blending index
+    else:
+        weights = [shares[shards.path_of[j]] * tokens[j] / per_path[shards.path_of[j]] for j in keep]
+    return SplitBlend(split, prefixes, weights, shares)
+
+
+def check_blend(data: DataConfig, shards: Shards, *, validation: bool) -> None:
+    """Everything :func:`build_datasets` would refuse, before any process starts (reads only .idx files)."""
+    plan_blend(data, shards, Split.train)
+    if validation and plan_blend(data, shards, Split.valid) is None:
+        raise ConfigError(f"data.split={data.split!r} leaves no validation documents in any shard of data.paths "
+                          "(each shard is split by its own document count): raise the validation share, "
+                          "or set trainer.eval_every=0")
 
 
 class _EodOnly:
@@ -73,12 +170,12 @@ class _EodOnly:
         self.unique_identifiers = {"class": "EodOnly", "eod": eod}  # part of megatron's index-cache key
 
 
-def build_datasets(data: DataConfig, shards: Shards, *, seed: int, train_samples: int, valid_samples: int,
-                   cache_dir: str) -> tuple[GPTDataset, GPTDataset | None]:
+def _build_split(data: DataConfig, shards: Shards, blend: SplitBlend, *, seed: int, num_samples: int,
+                 cache_dir: str):
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=data.seq_len,
-        blend=(shards.prefixes, shards.weights),
+        blend=(blend.prefixes, blend.weights),
         split=data.split,
         path_to_cache=data.cache_dir or cache_dir,
         tokenizer=_EodOnly(shards.eod_id),
@@ -88,13 +185,22 @@ def build_datasets(data: DataConfig, shards: Shards, *, seed: int, train_samples
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
-    ).build()
-    if train is None:
-        raise ConfigError(f"data.split={data.split!r} leaves no training documents")
-    if valid_samples and valid is None:
-        raise ConfigError(f"data.split={data.split!r} leaves no validation documents (needed by trainer.eval_every)")
+    # Build this split alone: the shards of another split's blend may have no documents here.
+    config.split_matrix = [m if i == blend.split.value else None for i, m in enumerate(config.split_matrix)]
+    sizes = [0] * len(Split)
+    sizes[blend.split.value] = num_samples
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[blend.split.value]
+
+
+def build_datasets(data: DataConfig, shards: Shards, *, seed: int, train_samples: int, valid_samples: int,
+                   cache_dir: str) -> tuple[GPTDataset, GPTDataset | None]:
+    check_blend(data, shards, validation=valid_samples > 0)
+    train = _build_split(data, shards, plan_blend(data, shards, Split.train), seed=seed, num_samples=train_samples,
+                         cache_dir=cache_dir)
+    valid = None
+    if valid_samples:
+        valid = _build_split(data, shards, plan_blend(data, shards, Split.valid), seed=seed,
+                             num_samples=valid_samples, cache_dir=cache_dir)
     return train, valid
 
 
@@ -111,7 +217,7 @@ def microbatches(dataset, *, global_batch_size: int, micro_batch_size: int, dp_r
         first = step * global_batch_size + dp_rank * per_rank
         samples = [dataset[(first + i) % len(dataset)] for i in range(per_rank)]
         yield [
-            {key: torch.stack([s[key] for s in samples[j : j + micro_batch_size]]) for key in samples[0]}
+            {key: torch.stack([s[key] for s in samples[j : j + micro_batch_size]]) for key in BATCH_KEYS}
             for j in range(0, per_rank, micro_batch_size)
         ]
         step += 1
