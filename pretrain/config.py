@@ -146,9 +146,11 @@ class TrainerConfig:
     megatron."""
     cross_entropy_chunk: int = 2048
     """cross_entropy=chunked: tokens per chunk (each chunk's fp32 logits exist only while it is computed)."""
-    moe_grouped_gemm: bool | None = None
+    moe_grouped_gemm: bool | None = False
     """MoE experts as one grouped GEMM per projection (megatron-core's GroupedMLP on torch._grouped_mm; bf16 only)
-    instead of a Python loop over experts (SequentialMLP). None = auto: on CUDA with bf16."""
+    instead of a Python loop over experts (SequentialMLP). None = auto: on CUDA with bf16. Off by default until it
+    is measured on a GPU: its checkpoints name expert weights as GroupedMLP does, which the HF exporter and a
+    resume with the loop experts do not read yet."""
     eval_every: int = 50
     """Validation loss every N steps and after the last step, on the data.split validation documents; 0 = off."""
     eval_steps: int = 4
