@@ -68,7 +68,7 @@ def test_config_round_trip(preset):
     (dict(norm_topk_prob=True), "norm_topk_prob"),
     (dict(decoder_sparse_step=2), "decoder_sparse_step"),
     (dict(mlp_only_layers=[3]), "mlp_only_layers"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}), "yarn"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), "linear"),  # yarn and dynamic are supported
     (dict(use_sliding_window=True), "use_sliding_window"),
     (dict(model_type="llama"), "model_type"),
 ])

@@ -1,9 +1,10 @@
 """Qwen2 dense / Qwen2-MoE shape, as in Hugging Face's config.json (presets live in conf/model/)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.errors import ConfigError, check_choice
+from pretrain.models.rope_scaling import RopeScalingConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -28,6 +29,8 @@ class ModelConfig:
     """Longest sequence the RoPE tables are built for (HF ``max_position_embeddings``)."""
     rope_base: float = 1_000_000.0
     """RoPE theta (HF ``rope_theta``)."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """YaRN / dynamic-NTK scaling beyond the trained length (HF ``rope_scaling``; pretrain/models/rope_scaling.py)."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon (HF ``rms_norm_eps``)."""
     tie_embeddings: bool = False

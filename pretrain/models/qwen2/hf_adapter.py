@@ -94,6 +94,7 @@ from pathlib import Path
 import torch
 
 from common.errors import QwenPretrainError
+from pretrain.models import rope_scaling
 from pretrain.models.qwen2.config import ModelConfig
 
 __all__ = [
@@ -121,18 +122,29 @@ class ConversionError(QwenPretrainError, ValueError):
 # --------------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------------
-def _rope_theta(hf_config) -> float:
-    """RoPE base of a transformers 4.x (``rope_theta``/``rope_scaling``) or 5.x (``rope_parameters``) config."""
+def _rope(hf_config) -> tuple[float, rope_scaling.RopeScalingConfig]:
+    """RoPE base and scaling of a transformers 4.x (``rope_theta``/``rope_scaling``) or 5.x (``rope_parameters``)
+    config."""
     params = getattr(hf_config, "rope_parameters", None)
     scaling = getattr(hf_config, "rope_scaling", None)
     if isinstance(params, dict) and "rope_theta" in params:
         kind, theta = params.get("rope_type", "default"), params["rope_theta"]
     else:
-        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        params = scaling or {}
+        kind = params.get("rope_type", params.get("type", "default"))
         theta = hf_config.rope_theta
-    if kind != "default":
-        raise ConversionError(f"RoPE scaling {kind!r} is not supported (megatron model uses plain RoPE)")
-    return float(theta)
+    try:
+        return float(theta), rope_scaling.from_hf(kind, params, hf_config.max_position_embeddings)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+
+
+def _rope_theta(hf_config) -> float:
+    """RoPE base of a config without RoPE scaling (a scaled one: use :func:`_rope`)."""
+    theta, scaling = _rope(hf_config)
+    if scaling.type != "none":
+        raise ConversionError(f"RoPE scaling {scaling.type!r} is not supported for this family")
+    return theta
 
 
 def model_config_from_hf(hf_config, *, name: str | None = None) -> ModelConfig:
@@ -187,7 +199,8 @@ def model_config_from_hf(hf_config, *, name: str | None = None) -> ModelConfig:
         num_kv_heads=hf_config.num_key_value_heads,
         vocab_size=hf_config.vocab_size,
         max_seq_len=hf_config.max_position_embeddings,
-        rope_base=_rope_theta(hf_config),
+        rope_base=_rope(hf_config)[0],
+        rope_scaling=_rope(hf_config)[1],
         norm_eps=float(hf_config.rms_norm_eps),
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         init_std=float(getattr(hf_config, "initializer_range", 0.02)),
@@ -212,8 +225,9 @@ def hf_config_from_model(model: ModelConfig, *, vocab_size: int | None = None, d
         num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_heads,
         num_key_value_heads=model.num_kv_heads,
-        max_position_embeddings=model.max_seq_len,
+        max_position_embeddings=rope_scaling.hf_max_position_embeddings(model.rope_scaling, model.max_seq_len),
         rope_theta=float(model.rope_base),
+        rope_scaling=rope_scaling.to_hf(model.rope_scaling),
         rms_norm_eps=model.norm_eps,
         tie_word_embeddings=model.tie_embeddings,
         initializer_range=model.init_std,
