@@ -133,7 +133,8 @@ forward() {
 trap forward USR1
 # scancel and the time limit itself send SIGTERM to every process of the job: the ranks save on it
 # by themselves (within KillWait). This shell only keeps waiting for them; no requeue.
-trap 'log "got SIGTERM: the job is ending; the ranks save if they can"' TERM
+ending=""
+trap 'ending=1; log "got SIGTERM: the job is ending; the ranks save if they can"' TERM
 
 # --- launch --------------------------------------------------------------------------------------------
 srun_opts=(--nodes="$nnodes" --ntasks-per-node=1 --ntasks="$nnodes" --kill-on-bad-exit=1)
@@ -175,7 +176,7 @@ if [ "$stop_signal" != USR1 ] && [ -s "$PRETRAIN_STOP_FILE" ]; then
   log "the training processes got SIGUSR1 (scancel --signal=USR1 without --batch): treated as a preemption"
 fi
 rm -f "$PRETRAIN_STOP_FILE"
-if [ "$stop_signal" != USR1 ] && [ "$rc" -ne 0 ] && [ "$nnodes" -gt 1 ]; then
+if [ "$stop_signal" != USR1 ] && [ "$rc" -ne 0 ] && [ "$nnodes" -gt 1 ] && [ -z "$ending" ]; then
   # The ranks here fail as soon as a peer on a lost node is gone, usually before Slurm declares that
   # node down. Exiting now would end the job FAILED; waiting lets Slurm end it as NODE_FAIL and requeue it.
   slurmd_port=$(scontrol show config 2>/dev/null | sed -n 's/^SlurmdPort *= *//p')
