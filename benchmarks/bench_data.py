@@ -161,6 +161,7 @@ def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], work
     """(a): the pipeline's own tokenize stage with ``backend``, one task per worker process. Returns run()."""
     from data_pipeline.config import DataPipelineConfig, ExecutorConfig, TokenizerConfig
     from data_pipeline.pipeline import Layout, build_executors, build_stages
+    from data_pipeline.readers import resolve_sources
     from data_pipeline.tokenizer import shard_order
 
     tasks, count = workers, [0]
@@ -173,7 +174,8 @@ def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], work
         layout = Layout(root)
         _write_task_inputs(layout.kept, records, tasks)
         shutil.copyfile(tokenizer_json, layout.tokenizer)
-        stage = next(s for s in build_stages(cfg, layout, [str(CORPUS)]) if s.name == "tokenize")
+        sources = resolve_sources([str(CORPUS)], cfg.input.format)
+        stage = next(s for s in build_stages(cfg, layout, [str(CORPUS)], sources) if s.name == "tokenize")
         (executor,) = build_executors(cfg, [stage], layout)
         t0 = time.perf_counter()
         executor.run()

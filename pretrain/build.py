@@ -14,6 +14,7 @@ from pretrain.callbacks import ConsoleLogger, MetricsFile, PlannerVsMeasured, Th
 from pretrain.checkpoint import Checkpointer, check_resumable
 from pretrain.config import JobConfig
 from pretrain.data import Shards, build_datasets, microbatches
+from pretrain.models import rope_scaling
 from pretrain.models.qwen2.flops import flops_per_token
 from pretrain.models.qwen2.model import build_model_chunks, padded_vocab_size, resolve_kernels, transformer_config
 from pretrain.optim import build_optimizer
@@ -73,7 +74,8 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
 def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> Trainer:
     t = job.trainer
     vocab_size = padded_vocab_size(job.model, shards.vocab_size, job.parallel.tp)
-    checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last, async_save=t.async_save)
+    checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last, async_save=t.async_save,
+                                rope=rope_scaling.record(job.model))
     checkpointer.remove_leftovers()  # step_*.tmp of saves a crash or a full disk cut short
     # Collective: rank 0 verifies the checkpoints and every rank gets its choice, so a layout that cannot load
     # it is refused on every rank alike, before any model is built (cached: resuming does not re-verify it).

@@ -8,6 +8,7 @@ Layout under ``<run_dir>/checkpoints``::
         *_model_states.pt     parallel.zero 2/3: DeepSpeed's own ``engine.save_checkpoint`` files (the step
         *_optim_states.pt     directory is its tag); schedule and trainer state ride in its client_state
         deepspeed.json        parallel.zero 2/3: the ZeRO stage and dp size, which a resume must match
+        rope.json             the RoPE base and scaling the weights were trained with (checked on resume/init_from)
         rng/rank_00000.pt     each rank's RNG states (restored when the layout is unchanged)
         checksums.json        size and CRC32 of every file, checked before a load
     latest                    names the newest complete checkpoint; replaced atomically after the rename
@@ -45,6 +46,7 @@ log = logging.getLogger("pretrain")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loadable under any layout
 _CHECKSUMS = "checksums.json"
 _DEEPSPEED_LAYOUT = "deepspeed.json"
+_ROPE = "rope.json"
 
 
 def unwrap(chunk):
@@ -136,8 +138,9 @@ def verify(directory: Path) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep_last: int, *, async_save: bool = False) -> None:
+    def __init__(self, root: Path, keep_last: int, *, async_save: bool = False, rope: dict | None = None) -> None:
         self.root = Path(root)
+        self.rope = rope  # written as rope.json (pretrain/models/rope_scaling.py: record)
         self.keep_last = max(1, keep_last)
         self.async_save = async_save
         self._queue = None  # megatron-core's AsyncCallsQueue, created on the first asynchronous save
@@ -203,6 +206,8 @@ class Checkpointer:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+            if self.rope is not None:
+                (tmp / _ROPE).write_text(json.dumps(self.rope))
         self.wait()  # one save in flight at a time, published in order
         dist.barrier()
         backend = _backend(train_module)
@@ -321,6 +326,12 @@ class _DeepSpeedState:
 
 def _backend(train_module) -> _TorchDistState | _DeepSpeedState:
     return _DeepSpeedState() if hasattr(train_module, "engine") else _TorchDistState()
+
+
+def saved_rope(path: Path) -> dict | None:
+    """The RoPE record of a checkpoint (None: written before checkpoints recorded it)."""
+    marker = Path(path) / _ROPE
+    return json.loads(marker.read_text()) if marker.is_file() else None
 
 
 def saved_deepspeed_layout(path: Path) -> dict | None:

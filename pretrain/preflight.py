@@ -20,6 +20,7 @@ import numpy as np
 
 from common.errors import ConfigError, DataError
 from pretrain.config import DataConfig, JobConfig
+from pretrain.models import rope_scaling
 from pretrain.models.qwen2.config import ModelConfig
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core indexed_dataset._INDEX_HEADER, version 1
@@ -188,6 +189,9 @@ def check_resume_shape(ckpt: Path, model: ModelConfig, vocab: int) -> None:
     """The checkpoint a run resumes from holds this model (:func:`check_checkpoint_model`)."""
     check_checkpoint_model(ckpt, model, vocab, what="this run's checkpoint", remedy=(
         "Resume with the model settings it was saved with, or start a new run (another trainer.run_name)."))
+    from pretrain.checkpoint import saved_rope
+
+    rope_scaling.check_change(saved_rope(ckpt), model, f"this run's checkpoint {ckpt.name}")
 
 
 def check_init_from(model: ModelConfig, vocab: int, tokenizer_vocab: int) -> None:
@@ -216,8 +220,9 @@ def check_init_from(model: ModelConfig, vocab: int, tokenizer_vocab: int) -> Non
         ckpt = resolve_checkpoint_dir(source)
     except ConversionError as e:
         raise ConfigError(f"{what}: {e}") from e
-    from pretrain.checkpoint import saved_deepspeed_layout
+    from pretrain.checkpoint import saved_deepspeed_layout, saved_rope
 
+    rope_scaling.check_change(saved_rope(ckpt), model, what)
     if saved_deepspeed_layout(ckpt) is None:
         check_checkpoint_files(ckpt, what)
         check_checkpoint_model(ckpt, model, vocab, what=what + ":", remedy="Choose the model preset it was saved with.")

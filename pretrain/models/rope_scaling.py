@@ -1,4 +1,6 @@
-"""RoPE scaling for evaluation beyond the trained length: YaRN and dynamic NTK-aware, as transformers computes them.
+"""RoPE scaling for evaluation beyond the trained length: YaRN and dynamic NTK-aware, as transformers computes them
+(the config, the inverse frequencies, the HF config.json entry, the checkpoint's record; the megatron-core module
+that uses them is pretrain/models/rope_embedding.py, kept apart so configs import without megatron).
 
 megatron-core 0.16.1 has a ``YarnRotaryEmbedding`` with the same inverse frequencies as transformers, but GPTModel
 only builds it under ``position_embedding_type='yarn'``, which reads MLA config fields and moves its tables to CUDA
@@ -14,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from common.errors import ConfigError, check_choice
 
@@ -89,39 +90,6 @@ def dynamic_ntk_inv_freq(dim: int, base: float, s: RopeScalingConfig, seq_len: i
     return plain_inv_freq(dim, scaled)
 
 
-class ScaledRotaryEmbedding(RotaryEmbedding):
-    """megatron-core's RotaryEmbedding with YaRN or dynamic-NTK inverse frequencies (fp32). Its forward (cached
-    per length, sliced per context-parallel rank by the parent) is unchanged."""
-
-    def __init__(self, *, dim: int, base: float, scaling: RopeScalingConfig, cp_group=None) -> None:
-        super().__init__(kv_channels=dim, rotary_percent=1.0, rotary_base=base, use_cpu_initialization=True,
-                         cp_group=cp_group)
-        self.dim, self.base, self.scaling = dim, base, scaling
-        if scaling.type == "yarn":
-            self.inv_freq = yarn_inv_freq(dim, base, scaling)
-
-    def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
-        if self.scaling.type == "dynamic":  # the table depends on the length seen (megatron passes the full one)
-            self.inv_freq = dynamic_ntk_inv_freq(self.dim, self.base, self.scaling, max_seq_len + offset).to(
-                self.inv_freq.device)
-        return super().get_freqs_non_repeated(max_seq_len, offset)
-
-
-def install(chunk: torch.nn.Module, *, dim: int, base: float, scaling: RopeScalingConfig) -> None:
-    """Swap a freshly built GPTModel chunk's rotary table for the scaled one (no-op for type=none)."""
-    if scaling.type == "none" or getattr(chunk, "rotary_pos_emb", None) is None:
-        return
-    old = chunk.rotary_pos_emb
-    new = ScaledRotaryEmbedding(dim=dim, base=base, scaling=scaling, cp_group=old.cp_group)
-    new.inv_freq = new.inv_freq.to(old.inv_freq.device)
-    chunk.rotary_pos_emb = new
-    if scaling.type == "yarn":
-        # Read by megatron's SelfAttention (see the module docstring); mscale None -> 0.1 ln(factor) + 1.
-        chunk.config.yarn_rotary_scaling_factor = float(scaling.factor)
-        chunk.config.yarn_mscale = None
-        chunk.config.yarn_mscale_all_dim = None
-
-
 # --------------------------------------------------------------------------------------------------
 # Hugging Face config.json
 # --------------------------------------------------------------------------------------------------
@@ -159,3 +127,27 @@ def from_hf(kind: str, params: dict, max_position_embeddings: int) -> RopeScalin
         return RopeScalingConfig(type="dynamic", factor=float(params["factor"]),
                                  original_max_position_embeddings=int(max_position_embeddings))
     raise ValueError(f"RoPE scaling {kind!r} is not supported (none, yarn and dynamic are)")
+
+
+# --------------------------------------------------------------------------------------------------
+# What a checkpoint records, and the check that a change of RoPE is declared
+# --------------------------------------------------------------------------------------------------
+def record(model) -> dict:
+    """The RoPE a checkpoint's weights were trained with (written as its rope.json)."""
+    return {"rope_base": float(model.rope_base), "rope_scaling": model.rope_scaling.describe()}
+
+
+def check_change(saved: dict | None, model, what: str) -> None:
+    """ConfigError when ``model``'s RoPE differs from a checkpoint's record and ``model.rope_change_ok`` does not
+    declare the change (a long-context stage raising the base declares it). No record: nothing to compare."""
+    if saved is None or model.rope_change_ok:
+        return
+    mine = record(model)
+    if saved["rope_base"] != mine["rope_base"]:
+        raise ConfigError(
+            f"model.rope_base={mine['rope_base']:g} but {what} was trained with rope_base={saved['rope_base']:g}: "
+            "set model.rope_change_ok=true to declare the change")
+    if saved["rope_scaling"] != mine["rope_scaling"]:
+        raise ConfigError(
+            f"model.rope_scaling={mine['rope_scaling']} but {what} was trained with {saved['rope_scaling']}: "
+            "set model.rope_change_ok=true to declare the change")

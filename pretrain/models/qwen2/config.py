@@ -31,6 +31,9 @@ class ModelConfig:
     """RoPE theta (HF ``rope_theta``)."""
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     """YaRN / dynamic-NTK scaling beyond the trained length (HF ``rope_scaling``; pretrain/models/rope_scaling.py)."""
+    rope_change_ok: bool = False
+    """Declare that rope_base / rope_scaling differ from what the resumed or ``init_from`` checkpoint was trained
+    with (its rope.json); otherwise such a difference is a config error."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon (HF ``rms_norm_eps``)."""
     tie_embeddings: bool = False

@@ -8,7 +8,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from common.errors import ConfigError
-from pretrain.models import rope_scaling
+from pretrain.models import rope_embedding
 from pretrain.models.qwen2.config import ModelConfig
 from pretrain.models.qwen2.loss import Qwen2GPTModel
 from pretrain.models.qwen2.spec import block_spec
@@ -172,7 +172,7 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
             rotary_base=model.rope_base,
             vp_stage=vp_stage if vpp > 1 else None,
         )
-        rope_scaling.install(chunk, dim=model.head_dim, base=model.rope_base, scaling=model.rope_scaling)
+        rope_embedding.install(chunk, dim=model.head_dim, base=model.rope_base, scaling=model.rope_scaling)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
