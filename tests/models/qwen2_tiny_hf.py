@@ -1,4 +1,4 @@
-"""Tiny random Qwen2 / Qwen2-MoE Hugging Face models, built locally from a config (never downloaded)."""
+"""Tiny random Qwen2 / Qwen2-MoE / Qwen3 / Qwen3-MoE Hugging Face models, built locally (never downloaded)."""
 from __future__ import annotations
 
 import math
@@ -11,11 +11,21 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
 TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                 norm_topk_prob=False, router_aux_loss_coef=0.01)
 
+# Qwen3: head_dim 32 != hidden / heads (16), so an independent head width is exercised; no QKV bias, QK-norm.
+TINY_QWEN3 = dict(head_dim=32, attention_bias=False)
+TINY_QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                      router_aux_loss_coef=0.01)
+
 
 def tiny_hf_config(kind: str, *, vocab_size: int = VOCAB, tied: bool = False):
-    from transformers import Qwen2Config, Qwen2MoeConfig
+    """``kind``: 'dense' / 'moe' (Qwen2, Qwen2-MoE), 'qwen3' / 'qwen3_moe'."""
+    from transformers import Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(TINY, vocab_size=vocab_size, tie_word_embeddings=tied)
+    if kind == "qwen3":
+        return Qwen3Config(**common, **TINY_QWEN3)
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(**common, **TINY_QWEN3, **TINY_QWEN3_MOE)
     return Qwen2MoeConfig(**common, **TINY_MOE) if kind == "moe" else Qwen2Config(**common)
 
 

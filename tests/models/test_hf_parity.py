@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import multiprocessing
 import os
 import subprocess
@@ -40,6 +41,13 @@ CASES = {
     "moe-pp2": ("moe", dict(pp=2), "hf"),
     "pad-tied-tp2": ("dense_pad", dict(tp=2), "init_hf"),
     "pad-tied-pp2": ("dense_pad", dict(pp=2), "import"),
+    # Qwen3 family: no QKV bias, QK-norm, head_dim 32 != hidden / heads; MoE: normalised top-k, no shared expert
+    "qwen3-tp1": ("qwen3", dict(), "hf"),
+    "qwen3-tp2": ("qwen3", dict(tp=2), "init_hf"),
+    "qwen3-pp2": ("qwen3", dict(pp=2), "hf"),
+    "qwen3_moe-tp1": ("qwen3_moe", dict(), "hf"),
+    "qwen3_moe-ep2": ("qwen3_moe", dict(ep=2), "hf"),
+    "qwen3_moe-tp2-ep2-etp1": ("qwen3_moe", dict(tp=2, ep=2, etp=1), "init_hf"),
 }
 MEGATRON_VOCAB = 256  # dense_pad has 250 HF rows: 6 padding rows
 
@@ -208,7 +216,7 @@ def run_parity(rank: int, world_size: int, hf_dirs: dict, refs: dict, import_dir
         r["inv_freq_equal"] = all(torch.equal(unwrap_chunk(c).rotary_pos_emb.inv_freq, ref["inv_freq"]) for c in chunks)
         if case == "moe-tp1":
             r["aux_per_layer"] = _megatron_aux_losses(chunks, ref["tokens"], labels, model.num_layers)
-        if case in ("dense-tp2", "moe-tp2-ep2-etp1"):
+        if case in ("dense-tp2", "moe-tp2-ep2-etp1", "qwen3_moe-tp2-ep2-etp1"):
             common = {"model_config": dataclasses.asdict(model), "hf_vocab_size": ref["logits"].shape[-1]}
             with _may_start_processes():
                 save_model_checkpoint(chunks, out_root / f"ckpt-{case}", common)
@@ -260,7 +268,7 @@ def _hf_reference(hf_dir: Path, seed: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (B, S), generator=torch.Generator().manual_seed(seed))
-    moe = model.config.model_type == "qwen2_moe"
+    moe = model.config.model_type in ("qwen2_moe", "qwen3_moe")
     with torch.no_grad():
         out = model(tokens, labels=tokens)
         ref = {"tokens": tokens, "logits": out.logits.float(), "loss": out.loss.item(),
@@ -347,7 +355,7 @@ def test_vocab_padding_rows_are_zero_logits(parity, case):
         assert abs(loss - ref["loss"]) > 10 * LOSS_TOL  # the padding really is in the softmax
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] == "moe"])
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] in ("moe", "qwen3_moe")])
 def test_router_chooses_the_same_experts(parity, case):
     m = parity[case]
     assert m["routing_layers"] == [0, 1, 2, 3], "not every router was observed"
@@ -419,6 +427,16 @@ def test_export_cli_moe_saved_under_tp2_ep2(parity, hf_dirs, tmp_path):
     assert main(["export", "--checkpoint", str(parity["out_root"] / "ckpt-moe-tp2-ep2-etp1"),
                  "--out", str(tmp_path / "hf")]) == 0
     _assert_same_hf(tmp_path / "hf", hf_dirs["moe"])
+
+
+def test_export_cli_qwen3_moe_saved_under_tp2_ep2(parity, hf_dirs, tmp_path):
+    """A Qwen3-MoE checkpoint exports as Qwen3MoeForCausalLM (family from the saved model config), bit-identical."""
+    from pretrain.models.qwen2.convert import main
+
+    assert main(["export", "--checkpoint", str(parity["out_root"] / "ckpt-qwen3_moe-tp2-ep2-etp1"),
+                 "--out", str(tmp_path / "hf")]) == 0
+    _assert_same_hf(tmp_path / "hf", hf_dirs["qwen3_moe"])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
 
 
 def test_export_trainer_checkpoint(parity, hf_dirs, tmp_path):

@@ -1,4 +1,5 @@
-"""Qwen2 dense / Qwen2-MoE shape, as in Hugging Face's config.json (presets live in conf/model/)."""
+"""The Qwen decoder shape shared by the families (Qwen2/2.5 and Qwen3, dense and MoE), as in Hugging Face's
+config.json; architecture differences are switches here (presets live in conf/model/)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,6 +12,9 @@ from pretrain.models.rope_scaling import RopeScalingConfig
 class ModelConfig:
     name: str = "qwen2_tiny"
     """Preset name, used in logs and run names."""
+    family: str = "qwen2"
+    """Model family (pretrain/models/registry.py): 'qwen2' (Qwen2, Qwen2.5, Qwen1.5/2-MoE) or 'qwen3'
+    (Qwen3, Qwen3-MoE). Picks the Hugging Face classes and key names; the switches below pick the architecture."""
     hidden_size: int = 64
     """Width of the residual stream (HF ``hidden_size``)."""
     ffn_hidden_size: int = 176
@@ -21,6 +25,12 @@ class ModelConfig:
     """Query heads (HF ``num_attention_heads``)."""
     num_kv_heads: int = 2
     """Key/value heads for grouped-query attention (HF ``num_key_value_heads``)."""
+    kv_channels: int | None = None
+    """Per-head width (HF ``head_dim``; Qwen3: 128 whatever the hidden size). None = hidden_size / num_heads."""
+    qkv_bias: bool = True
+    """Biases on the q/k/v projections (Qwen2: true; Qwen3: false, HF ``attention_bias``)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3's ``q_norm``/``k_norm``)."""
     vocab_size: int | None = None
     """Embedding rows. None: the tokenizer's size from the data manifest, padded to ``pad_vocab_multiple``."""
     pad_vocab_multiple: int = 128
@@ -55,7 +65,14 @@ class ModelConfig:
     moe_ffn_hidden_size: int | None = None
     """SwiGLU inner width of one routed expert (HF ``moe_intermediate_size``)."""
     shared_expert_ffn_hidden_size: int | None = None
-    """Inner width of the shared expert (HF ``shared_expert_intermediate_size``); None = no shared expert."""
+    """Inner width of the shared expert (HF ``shared_expert_intermediate_size``); None = no shared expert.
+    A shared expert always has its sigmoid gate (Qwen2-MoE's ``shared_expert_gate``)."""
+    moe_norm_topk: bool = False
+    """Renormalise the top-k routing weights to sum to 1 (HF ``norm_topk_prob``: Qwen3-MoE true, Qwen2-MoE false)."""
+    moe_load_balancing: str = "micro_batch"
+    """Scope of the load-balancing loss: 'micro_batch' (expert counts of each micro-batch, megatron's
+    ``aux_loss``) or 'global_batch' (counts summed over the data-parallel ranks and averaged over the
+    micro-batches of the step so far, megatron's ``global_aux_loss``; the Qwen3 report's global-batch balance)."""
     moe_aux_loss_coeff: float = 0.001
     """Load-balancing loss coefficient (HF ``router_aux_loss_coef``)."""
     moe_z_loss_coeff: float | None = None
@@ -66,7 +83,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_heads:
+        check_choice("model.family", self.family, ("qwen2", "qwen3"))
+        if self.kv_channels is not None and (not isinstance(self.kv_channels, int) or self.kv_channels < 1):
+            raise ConfigError(f"model.kv_channels must be a positive integer or null, got {self.kv_channels!r}")
+        if self.kv_channels is None and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
             )
@@ -75,6 +95,7 @@ class ModelConfig:
                 f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}"
             )
         check_choice("model.attention_backend", self.attention_backend, ("auto", "sdpa", "local"))
+        check_choice("model.moe_load_balancing", self.moe_load_balancing, ("micro_batch", "global_batch"))
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ConfigError(f"model.vocab_size must be positive or null, got {self.vocab_size}")
         if self.num_experts is not None:
@@ -89,7 +110,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_heads
 
     @property
     def is_moe(self) -> bool:

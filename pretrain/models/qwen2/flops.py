@@ -29,7 +29,9 @@ class ParamCount:
 def _attention_params(m: ModelConfig) -> int:
     kv = m.num_kv_heads * m.head_dim
     q = m.num_heads * m.head_dim
-    return m.hidden_size * (q + 2 * kv) + (q + 2 * kv) + q * m.hidden_size  # qkv (+bias), out
+    bias = (q + 2 * kv) if m.qkv_bias else 0
+    qk_norm = 2 * m.head_dim if m.qk_norm else 0  # one RMSNorm weight each for q and k, shared by the heads
+    return m.hidden_size * (q + 2 * kv) + bias + q * m.hidden_size + qk_norm  # qkv (+bias), out (+QK-norm)
 
 
 def _swiglu(hidden: int, ffn: int) -> int:
@@ -65,6 +67,7 @@ def flops_per_token(m: ModelConfig, seq_len: int, vocab_size: int | None = None,
     attention term (Megatron-LM's convention), else every query-key pair counts (PaLM's)."""
     vocab = vocab_size or m.vocab_size
     per_layer = _attention_params(m) + _mlp_params(m, active=True) - m.hidden_size * (m.num_experts or 0)
+    per_layer -= 2 * m.head_dim if m.qk_norm else 0  # norms are not matmuls
     matmul_params = m.num_layers * per_layer + vocab * m.hidden_size  # output layer always runs
     attention = (6 if causal else 12) * m.num_layers * m.num_heads * m.head_dim * seq_len
     return 6 * matmul_params + attention

@@ -154,15 +154,16 @@ def model_config_from_hf(hf_config, *, name: str | None = None) -> ModelConfig:
 
         hf_config = AutoConfig.for_model(**dict(hf_config))
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ("qwen2", "qwen2_moe"):
-        raise ConversionError(f"expected a Qwen2 or Qwen2-MoE config, got model_type={model_type!r}")
+    if model_type not in ("qwen2", "qwen2_moe"):  # another family's checkpoint: its own mapping
+        from pretrain.models import registry
+
+        return registry.family_of_hf(model_type).config_from_hf(hf_config, name=name)
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ConversionError(f"hidden_act={hf_config.hidden_act!r} is not supported (Qwen2 uses silu)")
     if getattr(hf_config, "use_sliding_window", False):
         raise ConversionError("use_sliding_window=true is not supported (full causal attention only)")
     head_dim = getattr(hf_config, "head_dim", None)
-    if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
-        raise ConversionError(f"head_dim={head_dim} != hidden_size / num_attention_heads is not supported")
+    kv_channels = None if head_dim in (None, hf_config.hidden_size // hf_config.num_attention_heads) else head_dim
     if getattr(hf_config, "attention_dropout", 0.0):
         raise ConversionError("attention_dropout > 0 is not supported (megatron model trains without dropout)")
     moe = {}
@@ -173,11 +174,6 @@ def model_config_from_hf(hf_config, *, name: str | None = None) -> ModelConfig:
             raise ConversionError(
                 "dense layers inside a Qwen2-MoE model (decoder_sparse_step != 1 or mlp_only_layers) are not "
                 "supported: every layer of our MoE model is a MoE layer")
-        if hf_config.norm_topk_prob:
-            raise ConversionError(
-                "norm_topk_prob=true is not supported: our router keeps the softmax weights of the top-k experts "
-                "unnormalised (moe_router_pre_softmax=True); it needs a ModelConfig switch to "
-                "moe_router_pre_softmax=False")
         if not hf_config.shared_expert_intermediate_size:
             raise ConversionError("Qwen2-MoE without a shared expert is not supported by HF's Qwen2MoeSparseMoeBlock")
         moe = dict(
@@ -185,6 +181,7 @@ def model_config_from_hf(hf_config, *, name: str | None = None) -> ModelConfig:
             moe_topk=hf_config.num_experts_per_tok,
             moe_ffn_hidden_size=hf_config.moe_intermediate_size,
             shared_expert_ffn_hidden_size=hf_config.shared_expert_intermediate_size,
+            moe_norm_topk=bool(hf_config.norm_topk_prob),
             moe_aux_loss_coeff=float(hf_config.router_aux_loss_coef),
         )
     if name is None:
@@ -197,6 +194,7 @@ def model_config_from_hf(hf_config, *, name: str | None = None) -> ModelConfig:
         num_layers=hf_config.num_hidden_layers,
         num_heads=hf_config.num_attention_heads,
         num_kv_heads=hf_config.num_key_value_heads,
+        kv_channels=kv_channels,
         vocab_size=hf_config.vocab_size,
         max_seq_len=hf_config.max_position_embeddings,
         rope_base=_rope(hf_config)[0],
@@ -215,6 +213,14 @@ def hf_config_from_model(model: ModelConfig, *, vocab_size: int | None = None, d
     """
     from transformers import Qwen2Config, Qwen2MoeConfig
 
+    if model.family != "qwen2":
+        from pretrain.models import registry
+
+        return registry.get(model.family).config_to_hf(model, vocab_size=vocab_size, dtype=dtype)
+    if model.qk_norm:
+        raise ConversionError("model.qk_norm=true cannot be written as Qwen2 (no q/k norms): use model.family=qwen3")
+    if not model.qkv_bias:
+        raise ConversionError("model.qkv_bias=false cannot be written as Qwen2 (its q/k/v projections have biases)")
     vocab = vocab_size if vocab_size is not None else model.vocab_size
     if vocab is None:
         raise ConversionError("model.vocab_size is null: pass vocab_size (the embedding's row count)")
@@ -234,6 +240,7 @@ def hf_config_from_model(model: ModelConfig, *, vocab_size: int | None = None, d
         hidden_act="silu",
         attention_dropout=0.0,
         use_sliding_window=False,
+        head_dim=model.head_dim,
     )
     if not model.is_moe:
         config = Qwen2Config(**common)
@@ -248,7 +255,7 @@ def hf_config_from_model(model: ModelConfig, *, vocab_size: int | None = None, d
             num_experts_per_tok=model.moe_topk,
             moe_intermediate_size=model.moe_ffn_hidden_size,
             shared_expert_intermediate_size=model.shared_expert_ffn_hidden_size,
-            norm_topk_prob=False,
+            norm_topk_prob=model.moe_norm_topk,
             router_aux_loss_coef=model.moe_aux_loss_coeff,
             decoder_sparse_step=1,
             mlp_only_layers=[],
@@ -478,6 +485,9 @@ _LAYER_RULES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "self_attention.linear_qkv.bias": (
         ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv", "column"),
     "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "copy", "row"),
+    # QK-norm (Qwen3): one [head_dim] weight shared by all heads, so every tp rank holds all of it
+    "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), "copy", "replicated"),
+    "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), "copy", "replicated"),
     "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), "copy", "replicated"),
     # dense
     "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "glu", "glu"),
@@ -507,7 +517,12 @@ _EXPERT_KEY = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 def _layer_suffixes(model: ModelConfig) -> list[str]:
     """Per-layer megatron suffixes (with ``{e}`` for routed experts) of this model's layers."""
-    suffixes = [s for s in _LAYER_RULES if s not in _DENSE_MLP + _EXPERT + _SHARED and s != "mlp.router.weight"]
+    skip = set(_DENSE_MLP + _EXPERT + _SHARED + ("mlp.router.weight",))
+    if not model.qkv_bias:
+        skip.add("self_attention.linear_qkv.bias")
+    if not model.qk_norm:
+        skip |= {"self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"}
+    suffixes = [s for s in _LAYER_RULES if s not in skip]
     if not model.is_moe:
         return suffixes + list(_DENSE_MLP)
     suffixes += ["mlp.router.weight", *_EXPERT]

@@ -73,8 +73,13 @@ def transformer_config(
             moe_shared_expert_intermediate_size=model.shared_expert_ffn_hidden_size,
             moe_shared_expert_gate=model.shared_expert_ffn_hidden_size is not None,
             # Qwen2-MoE: softmax over all experts, then top-k, weights not renormalised (norm_topk_prob=false).
-            moe_router_pre_softmax=True,
-            moe_router_load_balancing_type="aux_loss",
+            # Qwen3-MoE (norm_topk_prob=true): softmax over the top-k logits, which equals the top-k of the full
+            # softmax renormalised to sum to 1 (the same experts: softmax is monotonic).
+            moe_router_pre_softmax=not model.moe_norm_topk,
+            # global_aux_loss: expert counts summed over tp × dp × cp and averaged over the step's micro-batches
+            # so far (reset in finalize_model_grads); aux_loss: this micro-batch's counts over tp × cp.
+            moe_router_load_balancing_type="global_aux_loss" if model.moe_load_balancing == "global_batch"
+            else "aux_loss",
             moe_aux_loss_coeff=model.moe_aux_loss_coeff * token_shards,
             moe_z_loss_coeff=model.moe_z_loss_coeff * token_shards if model.moe_z_loss_coeff is not None else None,
             moe_router_dtype="fp32",
@@ -92,7 +97,8 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,  # also makes finalize_model_grads sum the q/k norm grads over tp
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_eps,
         hidden_dropout=0.0,

@@ -19,7 +19,7 @@ from pretrain.models.qwen2.layers import RMSNorm, SDPAttention
 
 
 def layer_spec(model: ModelConfig, *, grouped_experts: bool = False) -> ModuleSpec:
-    """One Qwen2 decoder layer: pre-norm GQA self-attention, then a pre-norm SwiGLU MLP or MoE block
+    """One Qwen decoder layer: pre-norm GQA self-attention (QK-norm with ``model.qk_norm``), then a pre-norm SwiGLU MLP or MoE block
     (experts: megatron-core's SequentialMLP, or GroupedMLP on torch's grouped GEMM with ``grouped_experts``)."""
     backend = LocalSpecProvider()
     core_attention = DotProductAttention if model.attention_backend == "local" else SDPAttention
@@ -50,8 +50,9 @@ def layer_spec(model: ModelConfig, *, grouped_experts: bool = False) -> ModuleSp
                     linear_qkv=backend.column_parallel_linear(),
                     core_attention=core_attention,
                     linear_proj=backend.row_parallel_linear(),
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    # Qwen3's QK-norm: RMSNorm over each head's head_dim, before RoPE (megatron applies it there).
+                    q_layernorm=RMSNorm if model.qk_norm else IdentityOp,
+                    k_layernorm=RMSNorm if model.qk_norm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

@@ -1,0 +1,60 @@
+"""Model families: what each one declares once (torchtitan's ``ModelSpec``), picked by ``model.family``.
+
+A family is a folder under ``pretrain/models/`` whose ``family.py`` builds one :class:`ModelFamily`.
+Shared code (build, convert, preflight) asks this registry instead of naming a family. Qwen2 and Qwen3
+share the decoder implementation (``qwen2/``: config switches, megatron spec, state-dict adapter, FLOPs);
+Qwen3's folder adds only its Hugging Face config mapping.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.errors import ConfigError
+
+# family name -> module that defines FAMILY; the one list to extend when a family is added
+_MODULES = {"qwen2": "pretrain.models.qwen2.family", "qwen3": "pretrain.models.qwen3.family"}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    hf_model_types: tuple[str, ...]
+    """transformers ``model_type`` values this family reads and writes (dense, MoE)."""
+    config_cls: type
+    """The typed model config (``model:`` section)."""
+    config_from_hf: Callable
+    """``(hf_config, *, name=None) -> config``; raises ConversionError naming a field it cannot represent."""
+    config_to_hf: Callable
+    """``(config, *, vocab_size=None, dtype=...) -> transformers config``."""
+    build_model_chunks: Callable
+    """``(config, TransformerConfig, vocab_size, ...) -> [GPTModel]`` (the megatron layer spec is inside)."""
+    transformer_config: Callable
+    """``(config, *, tp, pp, ...) -> TransformerConfig``."""
+    state_dict_adapter: str
+    """Module with ``to_megatron``/``to_hf``/``load_hf_into_chunks`` (HF <-> megatron weights, any layout)."""
+    param_count: Callable
+    flops_per_token: Callable
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_MODULES)
+
+
+def get(name: str) -> ModelFamily:
+    if name not in _MODULES:
+        raise ConfigError(f"model.family must be one of {', '.join(map(repr, _MODULES))}; got {name!r}")
+    return importlib.import_module(_MODULES[name]).FAMILY
+
+
+def family_of_hf(model_type: str | None) -> ModelFamily:
+    """The family that reads a transformers config of ``model_type``."""
+    from pretrain.models.qwen2.hf_adapter import ConversionError
+
+    for name in _MODULES:
+        family = get(name)
+        if model_type in family.hf_model_types:
+            return family
+    known = [t for n in _MODULES for t in get(n).hf_model_types]
+    raise ConversionError(f"model_type={model_type!r} is not supported (known: {', '.join(known)})")
