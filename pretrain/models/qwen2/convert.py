@@ -107,8 +107,10 @@ def load_model_config(spec: str | Path) -> ModelConfig:
 def _model_config_for(ckpt: Path, common: dict, override: str | None) -> ModelConfig:
     if override is not None:
         return load_model_config(override)
-    if "model_config" in common:
-        return ModelConfig(**common["model_config"])
+    if "model_config" in common:  # through OmegaConf, so nested sections (rope_scaling) become dataclasses again
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), common["model_config"]))
     for candidate in (ckpt.parent.parent / "resolved_config.yaml", ckpt.parent / "resolved_config.yaml"):
         if candidate.is_file():
             return load_model_config(candidate)
