@@ -125,4 +125,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(exc.returncode)
 
 if __name__ == "__main__":
-    main()
+    if any(arg.startswith("recipe=") for arg in sys.argv[1:]):  # staged runs: pretrain/recipe.py
+        from pretrain.recipe import main as run_recipe
+
+        run_recipe()
+    else:
+        main()
