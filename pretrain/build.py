@@ -6,6 +6,7 @@ import itertools
 import logging
 from pathlib import Path
 
+from megatron.core import parallel_state
 from megatron.core.transformer.module import Float16Module
 
 from parallel.data import apply_ddp
@@ -34,7 +35,8 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
     p, t, bf16 = job.parallel, job.trainer, job.trainer.precision == "bf16"
     kernels = resolve_kernels(t)  # trainer.fused_swiglu / cross_entropy / moe_grouped_gemm, auto resolved
     config = transformer_config(
-        job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
+        job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
+        dp=parallel_state.get_data_parallel_world_size(), sequence_parallel=p.sequence_parallel,
         moe_dispatcher=p.moe_dispatcher, bf16=bf16, recompute=t.recompute, recompute_modules=tuple(t.recompute_modules),
         recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers, **kernels,
     )
@@ -123,4 +125,5 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
     return Trainer(module=module, batches_from=batches_from, checkpointer=checkpointer,
                    callbacks=callbacks, mesh=mesh, steps=t.steps, save_every=t.save_every,
                    max_bad_steps=t.max_bad_steps, inject_nan_steps=tuple(t.inject_nan_steps),
-                   eval_batches=eval_batches if t.eval_every else None, eval_every=t.eval_every)
+                   eval_batches=eval_batches if t.eval_every else None, eval_every=t.eval_every,
+                   eval_position_buckets=t.eval_position_buckets, eval_at_start=t.eval_at_start)

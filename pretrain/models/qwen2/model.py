@@ -37,6 +37,7 @@ def transformer_config(
     cp: int = 1,
     ep: int = 1,
     etp: int | None = None,
+    dp: int = 1,
     sequence_parallel: bool = False,
     moe_dispatcher: str = "alltoall",
     bf16: bool = False,
@@ -66,6 +67,11 @@ def transformer_config(
         # weights 2.7e-3 apart after 3 steps (grad norm 1e-3 relative) without the tp factor, <1e-5 with
         # it. (MoE with tp > 1 trains only with sequence parallel: megatron's MoELayer.forward refuses it.)
         token_shards = cp * (tp if sequence_parallel else 1)
+        # global_aux_loss reduces its counts and token total over tp × dp × cp, so each rank's loss is a 1/dp
+        # partial too, and the gradient came out dp times too small (measured, 2-rank dp vs the hand-computed
+        # loss: tests/models/test_global_aux_loss.py): its coefficient takes the dp factor as well.
+        if model.moe_load_balancing == "global_batch":
+            token_shards *= dp
         moe = dict(
             num_moe_experts=model.num_experts,
             moe_router_topk=model.moe_topk,
