@@ -73,11 +73,20 @@ CASES: dict[str, tuple[str, dict, str, int]] = {
     "pp2-cp2": ("dense", dict(pp=2, cp=2), "fp32", 4),
     "moe-tp2-sp-ep2": ("moe", dict(tp=2, sequence_parallel=True, ep=2, etp=1), "fp32", 4),  # whole experts
     "moez-tp2-sp-cp2": ("moez", dict(tp=2, sequence_parallel=True, cp=2), "fp32", 4),  # router tokens in 4 shards
+    # Qwen3 family (QK-norm, no QKV bias, head_dim != hidden / heads; MoE: normalised top-k, no shared expert)
+    "qwen3-tp2": ("qwen3", dict(tp=2), "fp32", 2),
+    "qwen3-pp2": ("qwen3", dict(pp=2), "fp32", 2),
+    "qwen3_moe-ep2": ("qwen3_moe", dict(ep=2), "fp32", 2),
+    "qwen3_moe-tp2-sp": ("qwen3_moe", dict(tp=2, sequence_parallel=True), "fp32", 2),
 }
-REFERENCES = {("dense", "fp32"), ("dense", "bf16"), ("moe", "fp32"), ("moez", "fp32"), ("tied", "fp32")}
+REFERENCES = {("dense", "fp32"), ("dense", "bf16"), ("moe", "fp32"), ("moez", "fp32"), ("tied", "fp32"),
+              ("qwen3", "fp32"), ("qwen3_moe", "fp32")}
 # The models: "dense" Qwen2 (untied, like 7B/72B), "tied" (input and output embedding shared, like
 # 0.5B/1.5B), "moe" Qwen2-MoE (4 experts, top-2, shared expert), "moez" the same weights trained with a
-# router z-loss (coefficient Z_LOSS; Qwen2-MoE has none) so that its gradient scaling is checked too.
+# router z-loss (coefficient Z_LOSS; Qwen2-MoE has none) so that its gradient scaling is checked too;
+# "qwen3" (tied) and "qwen3_moe" the tiny Qwen3 / Qwen3-MoE, whose load balancing is per micro-batch here
+# (the HF config's default): the global-batch scope sums counts over a step's micro-batches so far, which
+# group different samples under different dp sizes (tests/models/test_global_aux_loss.py proves it).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,9 +208,10 @@ def _is_deepspeed(name: str) -> bool:
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("layouts_hf")
     dirs = {}
-    for seed, kind in enumerate(("dense", "moe", "tied"), start=1):
+    for seed, kind in enumerate(("dense", "moe", "tied", "qwen3", "qwen3_moe"), start=1):
         dirs[kind] = root / kind
-        build_tiny_hf("dense" if kind == "tied" else kind, seed=seed, tied=kind == "tied").save_pretrained(dirs[kind])
+        build_tiny_hf("dense" if kind == "tied" else kind, seed=seed,
+                      tied=kind in ("tied", "qwen3")).save_pretrained(dirs[kind])
     dirs["moez"] = dirs["moe"]
     return dirs
 
@@ -221,19 +231,28 @@ def _collect(hf_dirs: dict, names: list[str], world_size: int) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def references(hf_dirs) -> dict:
-    return _collect(hf_dirs, [_ref_name(kind, precision) for kind, precision in sorted(REFERENCES)], 1)
+def _selected(request) -> list[str]:
+    """The cases this session runs (all, or those picked with -k / node ids): the multi-rank jobs run only these."""
+    names = {item.callspec.params["name"] for item in request.session.items
+             if item.module.__name__ == __name__ and "name" in getattr(getattr(item, "callspec", None), "params", {})}
+    return [n for n in CASES if n in names]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(hf_dirs) -> dict:
-    return _collect(hf_dirs, [n for n, c in CASES.items() if c[3] == 2], 2)
+def references(hf_dirs, request) -> dict:
+    needed = {(CASES[n][0], CASES[n][2]) for n in _selected(request)}
+    needed |= {(kind, "fp32") for kind, precision in needed if precision == "bf16"}  # bf16 is also checked vs fp32
+    return _collect(hf_dirs, [_ref_name(kind, precision) for kind, precision in sorted(needed & REFERENCES)], 1)
 
 
 @pytest.fixture(scope="module")
-def four_ranks(hf_dirs) -> dict:
-    return _collect(hf_dirs, [n for n, c in CASES.items() if c[3] == 4], 4)
+def two_ranks(hf_dirs, request) -> dict:
+    return _collect(hf_dirs, [n for n in _selected(request) if CASES[n][3] == 2], 2)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(hf_dirs, request) -> dict:
+    return _collect(hf_dirs, [n for n in _selected(request) if CASES[n][3] == 4], 4)
 
 
 MEASURED: dict[str, dict] = {}  # name -> max differences, printed at the end of the module
@@ -277,7 +296,7 @@ def test_layout_trains_like_one_process(name, request, references):
     if layout.get("cp", 1) > 1:  # the cp ranks of one replica read the same samples: not counted in dp
         model_ranks = layout.get("tp", 1) * layout.get("pp", 1) * layout["cp"]
         assert f"cp={layout['cp']} " in run["mesh"] and f"dp={world_size // model_ranks} " in run["mesh"], run["mesh"]
-    if kind in ("moe", "moez") and not _is_deepspeed(name):  # router statistics: the same tokens per expert, same aux loss
+    if kind in ("moe", "moez", "qwen3_moe") and not _is_deepspeed(name):  # router statistics: the same tokens per expert, same aux loss
         for s, r in zip(steps, ref["steps"]):
             assert s["extras"]["moe/expert_tokens"] == r["extras"]["moe/expert_tokens"]
             assert s["extras"]["moe/load_balancing_loss"] == pytest.approx(
