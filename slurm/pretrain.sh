@@ -26,7 +26,8 @@
 # Environment: PYTHON (default python), NPROC_PER_NODE, RUN_NAME, RUNS_DIR (default
 # $SLURM_SUBMIT_DIR/runs), MASTER_ADDR, MASTER_PORT (default 20000 + job id % 20000), RDZV_TIMEOUT
 # (seconds torchrun waits for every node to join, default 300), HEAD_PROBE_TIMEOUT (default 10),
-# GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (the interface the nodes share, when several), STOP_TIMEOUT (seconds
+# GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (the interface the nodes share, when several), REQUEUE_SETTLE_S
+# (seconds a restarted multi-node job waits before it launches, default 10), STOP_TIMEOUT (seconds
 # torchrun waits for ranks to save after the signal before killing them, default 240; torch releases
 # before --shutdown-timeout existed use 30), OMP_NUM_THREADS (default: the node's CPUs / ranks per
 # node). Needs torch >= 2.9 (torchrun --signals-to-handle).
@@ -158,6 +159,12 @@ launcher=$SLURM_SUBMIT_DIR/slurm/launch_node.sh
 print(pathlib.Path(pretrain.__file__).resolve().parents[1] / "slurm" / "launch_node.sh")' 2>/dev/null)
 [ -x "$launcher" ] || { echo "launch error: slurm/launch_node.sh not found (submit from the repository root)" >&2; exit 2; }
 launch=("$launcher" "$head_addr" "$port" "$nnodes" --)
+if [ "$restart" -gt 0 ] && [ "$nnodes" -gt 1 ]; then
+  # After a node failure the controller's cleanup of the lost run can reach a returning node just after
+  # this restart began, and kill its new step (the job keeps its id): let that cleanup land first.
+  log "restart of a multi-node job: waiting ${REQUEUE_SETTLE_S:-10} s for Slurm's cleanup of the previous run"
+  sleep "${REQUEUE_SETTLE_S:-10}"
+fi
 log "srun ${srun_opts[*]} ${torchrun[*]} -m pretrain ${overrides[*]}"
 srun "${srun_opts[@]}" "${launch[@]}" "${torchrun[@]}" -m pretrain "${overrides[@]}" &
 srun_pid=$!

@@ -40,9 +40,9 @@ RUNS = {
 }
 NODE_LOSS_BOUND_S = 60  # documented in docs/slurm.md: SlurmdTimeout=6 + the controller's ping and kill
 COLLECTIVE_TIMEOUT_S = 30  # parallel.timeout_s of the node-loss runs (does not change the losses)
-# A killed node stays down this long, as a crashed machine that reboots. Back within about a minute,
-# its new slurmd got the requeued job (same id) killed again ~50-70 s after the failure here (twice, the
-# cleanup of the lost instance reaching it late); a node down for 3 minutes did not (docs/slurm.md).
+# A killed node stays down this long, as a crashed machine that reboots. (Slurm's cleanup of the lost
+# run can reach the returning node after the requeued job, same id, started there: pretrain.sh waits
+# REQUEUE_SETTLE_S before a multi-node restart launches; see docs/slurm.md.)
 NODE_DOWN_S = 75
 
 
