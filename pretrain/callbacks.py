@@ -36,6 +36,7 @@ class Callback:
     def on_train_start(self, trainer) -> None: ...
     def on_step_end(self, trainer, step: int, result: StepResult, metrics: dict) -> None: ...
     def on_train_end(self, trainer) -> None: ...
+    def on_eval(self, trainer, step: int, metrics: dict) -> None: ...  # an evaluation outside a step (at start)
     def on_error(self, trainer, exc: BaseException) -> None: ...
 
 
@@ -102,8 +103,13 @@ class ConsoleLogger(Callback):
             metrics["peak_mem_gib"], skipped,
         )
         if "eval/loss" in metrics:
-            log.info("eval  %5d/%d | loss %.4f | %d tokens | %.1f s", step, self.total, metrics["eval/loss"],
-                     metrics["eval/tokens"], metrics["eval/time_s"])
+            self.on_eval(trainer, step, metrics)
+
+    def on_eval(self, trainer, step, metrics) -> None:
+        by_position = " ".join(f"{k.split('_')[-2]}:{v:.3f}" for k, v in metrics.items()
+                               if k.startswith("eval/loss_pos_"))
+        log.info("eval  %5d/%d | loss %.4f | %d tokens | %.1f s%s", step, self.total, metrics["eval/loss"],
+                 metrics["eval/tokens"], metrics["eval/time_s"], f" | by position {by_position}" if by_position else "")
 
 
 class MetricsFile(Callback):
@@ -118,13 +124,17 @@ class MetricsFile(Callback):
         self.plot = plot
 
     def on_train_start(self, trainer) -> None:
-        if self.path.exists():
-            drop_rows_after(self.path, trainer.step)
+        if self.path.exists():  # a fresh start drops everything (its step-0 evaluation too: it runs again)
+            drop_rows_after(self.path, trainer.step if trainer.step else -1)
 
     def on_step_end(self, trainer, step, result, metrics) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "loss": result.loss, "lr": result.lr,
                                 "grad_norm": result.grad_norm, **metrics}) + "\n")
+
+    def on_eval(self, trainer, step, metrics) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def on_train_end(self, trainer) -> None:
         if self.plot:
@@ -155,7 +165,8 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     rows, evals = {}, {}
     for line in metrics_path.read_text().splitlines():
         row = json.loads(line)
-        rows[row["step"]] = row["loss"]
+        if "loss" in row:  # not the step-0 evaluation row (trainer.eval_at_start)
+            rows[row["step"]] = row["loss"]
         if "eval/loss" in row:
             evals[row["step"]] = row["eval/loss"]
     steps = sorted(rows)
@@ -210,6 +221,9 @@ class WandbLogger(Callback):
             else:
                 row[key] = value
         self.run.log(row, step=step)
+
+    def on_eval(self, trainer, step, metrics) -> None:
+        self.run.log(dict(metrics), step=step)
 
     def on_train_end(self, trainer) -> None:
         self.run.finish()

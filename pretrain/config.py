@@ -155,6 +155,11 @@ class TrainerConfig:
     """Validation loss every N steps and after the last step, on the data.split validation documents; 0 = off."""
     eval_steps: int = 4
     """Batches of global_batch_size sequences per evaluation (the same batches every time)."""
+    eval_position_buckets: int = 0
+    """Also the validation loss by token position: this many equal slices of [0, data.seq_len) (each must be
+    whole), logged as eval/loss_pos_<start>_<end>; 0 = off. Answers "did the long-context stage work"."""
+    eval_at_start: bool = False
+    """Evaluate once before the first step too (a fresh run only), logged as step 0: the before of a stage."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -194,6 +199,11 @@ class TrainerConfig:
             raise ConfigError(f"trainer.eval_every must be >= 0 (0 = no evaluation), got {self.eval_every}")
         if self.eval_steps < 1:
             raise ConfigError(f"trainer.eval_steps must be >= 1, got {self.eval_steps}")
+        if self.eval_position_buckets < 0:
+            raise ConfigError(f"trainer.eval_position_buckets must be >= 0 (0 = off), got {self.eval_position_buckets}")
+        if not self.eval_every and (self.eval_position_buckets or self.eval_at_start):
+            knob = "eval_position_buckets" if self.eval_position_buckets else "eval_at_start"
+            raise ConfigError(f"trainer.{knob} needs an evaluation: set trainer.eval_every > 0")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"trainer.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -297,6 +307,9 @@ def _check_step_knobs(job: JobConfig) -> None:
     if trainer.cross_entropy == "chunked" and parallel.tp > 1:
         raise ConfigError(f"trainer.cross_entropy=chunked runs with parallel.tp=1 only (got {parallel.tp}); use 'fused' "
                           "or 'megatron' (vocab-parallel) under tensor parallelism")
+    if (n := trainer.eval_position_buckets) and (job.data.seq_len % n or n > job.data.seq_len):
+        raise ConfigError(f"trainer.eval_position_buckets={n} must divide data.seq_len={job.data.seq_len} "
+                          "(buckets of equal width)")
     if trainer.eval_every and float(job.data.split.split(",")[1]) == 0:
         raise ConfigError(
             f"trainer.eval_every={trainer.eval_every} needs validation documents, but data.split={job.data.split!r} "

@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from parallel.deepspeed import apply_deepspeed, build_adamw, gathered_parameters
 from parallel.mesh import device
 from pretrain.optim import build_scheduler, fused_adamw
-from pretrain.train_module import StepResult
+from pretrain.train_module import PositionBucket, StepResult, global_position_losses, position_sums
 
 
 class DeepSpeedTrainModule:
@@ -74,25 +74,39 @@ class DeepSpeedTrainModule:
     def evaluate(self, batches) -> tuple[float, int]:
         """Validation: (mean loss, tokens) over ``batches`` (each one global batch's microbatches for this rank):
         the training loss's per-token sums, forward only, eval mode, no gradients (``TrainModule.evaluate``)."""
+        loss, tokens, _ = self.evaluate_by_position(batches, 0)
+        return loss, tokens
+
+    def evaluate_by_position(self, batches, buckets: int) -> tuple[float, int, list[PositionBucket]]:
+        """``evaluate`` plus the loss in ``buckets`` equal slices of the sequence positions (``TrainModule``'s)."""
         engine, dev = self.engine, device()
         totals = torch.zeros(2, dtype=torch.float64, device=dev)
+        sums, spec = [], None
         engine.eval()
         try:
             with torch.no_grad():
                 for microbatches in batches:
                     for mb in microbatches:
-                        totals += torch.stack(self._loss_sum(mb)).to(totals)
+                        if buckets and spec is None:
+                            spec = (buckets, mb["tokens"].shape[1] // buckets)
+                        totals += torch.stack(self._loss_sum(mb, spec, sums)).to(totals)
         finally:
             engine.train()
         dist.all_reduce(totals)
-        return float(totals[0] / totals[1]), int(totals[1])
+        by_position = global_position_losses(sums, spec) if buckets else []
+        return float(totals[0] / totals[1]), int(totals[1]), by_position
 
-    def _loss_sum(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One microbatch through the engine: (sum of its masked per-token losses, its loss-mask token count)."""
+    def _loss_sum(self, mb: dict[str, torch.Tensor], spec: tuple[int, int] | None = None,
+                  position_out: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One microbatch through the engine: (sum of its masked per-token losses, its loss-mask token count);
+        with ``spec`` (buckets, width), its ``position_sums`` are appended to ``position_out``."""
         dev = device()
         per_token = self.engine(mb["tokens"].to(dev), mb["position_ids"].to(dev), None, labels=mb["labels"].to(dev))
         mask = mb["loss_mask"].to(dev).reshape(-1).float()
-        return (per_token.float().reshape(-1) * mask).sum(), mask.sum()
+        weighted = per_token.float().reshape(-1) * mask
+        if spec is not None:
+            position_out.append(position_sums(weighted, mask, mb["position_ids"], *spec))
+        return weighted.sum(), mask.sum()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's tensors under GPTModel names, whole on every rank (collective under ZeRO-3)."""

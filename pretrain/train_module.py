@@ -32,7 +32,7 @@ class StepResult:
     """Model-specific figures (MoE: auxiliary losses, tokens per expert)."""
 
 
-def _loss_func(loss_mask: torch.Tensor, poison: bool, per_token_loss: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, poison: bool, positions, per_token_loss: torch.Tensor):
     # Per-token sums: megatron-core divides the gradients by the global token count (calculate_per_token_loss).
     mask = loss_mask.reshape(-1).float()
     losses = per_token_loss.float().reshape(-1)
@@ -40,10 +40,26 @@ def _loss_func(loss_mask: torch.Tensor, poison: bool, per_token_loss: torch.Tens
         losses = losses * float("nan")
     loss_sum = (losses * mask).sum()
     n_tokens = mask.sum().to(torch.int)
-    return loss_sum, n_tokens, {"lm": torch.stack([loss_sum.detach(), mask.sum()])}
+    report = {"lm": torch.stack([loss_sum.detach(), mask.sum()])}
+    if positions is not None:  # evaluation by token position: (position_ids, buckets, width)
+        report["pos"] = position_sums(losses.detach() * mask, mask, *positions)
+    return loss_sum, n_tokens, report
 
 
-def _forward_step(poison: bool, data_iterator, model):
+def position_sums(weighted: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, buckets: int,
+                  width: int) -> torch.Tensor:
+    """[2, buckets] float64: per position bucket, the sum of masked per-token losses and the token count.
+
+    Positions are the sequence's own (position_ids: under context parallelism each rank's 2 chunks keep their
+    true positions), so the buckets of all ranks add up to those of one process."""
+    index = (position_ids.reshape(-1).to(weighted.device) // width).clamp_(max=buckets - 1)
+    out = torch.zeros(2, buckets, dtype=torch.float64, device=weighted.device)
+    out[0].index_add_(0, index, weighted.to(torch.float64))
+    out[1].index_add_(0, index, mask.to(torch.float64))
+    return out
+
+
+def _forward_step(poison: bool, buckets: tuple[int, int] | None, data_iterator, model):
     # Context parallel: every cp rank of a replica reads the same samples and keeps its 2 of 2 × cp
     # sequence chunks (r and 2cp-1-r), the layout megatron-core's RoPE slices its frequencies for, so
     # positions are right without touching position_ids. A copy: the microbatch dicts are reused
@@ -52,7 +68,17 @@ def _forward_step(poison: bool, data_iterator, model):
     dev = device()
     tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
     output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
-    return output, partial(_loss_func, batch["loss_mask"].to(dev), poison)
+    positions = (batch["position_ids"], *buckets) if buckets else None
+    return output, partial(_loss_func, batch["loss_mask"].to(dev), poison, positions)
+
+
+@dataclass(frozen=True)
+class PositionBucket:
+    start: int
+    end: int
+    """Token positions [start, end) of the sequence (the context a token is predicted from)."""
+    loss: float
+    tokens: int
 
 
 class _NonFiniteGradNorm(Exception):
@@ -113,25 +139,33 @@ class TrainModule:
         only through the same pipeline schedule, in eval mode (no dropout) and without gradients: weights,
         optimizer, gradient buffers and RNG states are left as they were.
         """
+        loss, tokens, _ = self.evaluate_by_position(batches, 0)
+        return loss, tokens
+
+    def evaluate_by_position(self, batches, buckets: int) -> tuple[float, int, list[PositionBucket]]:
+        """``evaluate`` plus the loss in ``buckets`` equal slices of the sequence positions [0, seq_len)."""
         reports = []
+        spec = (buckets, self.seq_len // buckets) if buckets else None
         for chunk in self.chunks:
             chunk.eval()
         try:
             with torch.no_grad():
                 for microbatches in batches:
-                    reports += self._run_schedule(microbatches, poison=False, forward_only=True)
+                    reports += self._run_schedule(microbatches, poison=False, forward_only=True, buckets=spec)
         finally:
             for chunk in self.chunks:
                 chunk.train()
-        return _global_loss(reports)
+        loss, tokens = _global_loss(reports)
+        by_position = global_position_losses([r["pos"] for r in reports], spec) if spec else []
+        return loss, tokens, by_position
 
     def _run_schedule(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool,
-                      forward_only: bool) -> list:
+                      forward_only: bool, buckets: tuple[int, int] | None = None) -> list:
         """One pass of megatron's pipeline schedule over ``microbatches``; returns the per-microbatch reports."""
         # Every virtual stage replays the same microbatches through its own iterator.
         iterators = [iter(microbatches) for _ in self.chunks]
         return self._forward_backward(
-            forward_step_func=partial(_forward_step, poison),
+            forward_step_func=partial(_forward_step, poison, buckets),
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(microbatches),
@@ -169,3 +203,17 @@ def _global_loss(reports: list[dict]) -> tuple[float, int]:
     dist.all_reduce(totals)
     tokens = int(totals[1]) // parallel_state.get_tensor_model_parallel_world_size()
     return float(totals[0] / totals[1]), tokens
+
+
+def global_position_losses(sums: list[torch.Tensor], spec: tuple[int, int]) -> list[PositionBucket]:
+    """Per-bucket mean loss over the whole world (collective), from each report's ``position_sums``.
+
+    As in ``_global_loss``: tensor-parallel replicas count alike (tokens / tp), cp and dp ranks simply add up."""
+    buckets, width = spec
+    totals = torch.zeros(2, buckets, dtype=torch.float64, device=device())
+    for part in sums:
+        totals += part.to(totals)
+    dist.all_reduce(totals)
+    tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    means = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1), float("nan"))
+    return [PositionBucket(i * width, (i + 1) * width, float(means[i]), int(totals[1, i]) // tp) for i in range(buckets)]

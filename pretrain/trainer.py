@@ -23,7 +23,8 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm preemption / time limit
 class Trainer:
     def __init__(self, *, module: TrainModule, batches_from, checkpointer: Checkpointer, callbacks: list[Callback],
                  mesh: Mesh, steps: int, save_every: int, max_bad_steps: int = 5,
-                 inject_nan_steps: tuple[int, ...] = (), eval_batches=None, eval_every: int = 0) -> None:
+                 inject_nan_steps: tuple[int, ...] = (), eval_batches=None, eval_every: int = 0,
+                 eval_position_buckets: int = 0, eval_at_start: bool = False) -> None:
         self.module = module
         self.batches_from = batches_from  # step -> iterator of per-step microbatch lists
         self.checkpointer = checkpointer
@@ -35,6 +36,8 @@ class Trainer:
         self.inject_nan_steps = set(inject_nan_steps)
         self.eval_batches = eval_batches  # () -> iterable of this rank's validation microbatch lists
         self.eval_every = eval_every if eval_batches is not None else 0
+        self.eval_position_buckets = eval_position_buckets
+        self.eval_at_start = eval_at_start and self.eval_every > 0
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -59,6 +62,8 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self._call("on_train_start")
+            if self.eval_at_start and self.step == 0:  # the weights this run starts from (a stage's "before")
+                self._call("on_eval", 0, self.evaluate())
             batches = self.batches_from(self.step)
             saved_at = None
             while self.step < self.steps:
@@ -94,8 +99,11 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation loss on the fixed validation batches (collective: every rank calls it)."""
         start = time.perf_counter()
-        loss, tokens = self.module.evaluate(self.eval_batches())
-        return {"eval/loss": loss, "eval/tokens": tokens, "eval/time_s": time.perf_counter() - start}
+        loss, tokens, by_position = self.module.evaluate_by_position(self.eval_batches(), self.eval_position_buckets)
+        metrics = {"eval/loss": loss, "eval/tokens": tokens}
+        for bucket in by_position:  # the loss of tokens predicted from a context of [start, end) tokens
+            metrics[f"eval/loss_pos_{bucket.start}_{bucket.end}"] = bucket.loss
+        return {**metrics, "eval/time_s": time.perf_counter() - start}
 
     def _check_finite(self, result) -> None:
         if not result.skipped:
