@@ -35,6 +35,12 @@ LR = 1e-3  # large enough that 3 Adam steps move every weight by ~1e-3, far abov
 ADAM_EPS = 1e-6
 FP32_TOL = 1e-5
 Z_LOSS = 0.05  # large enough to move the grad norm by ~25%: a z-loss gradient off by 2x fails by far
+# Weights after 3 steps, per case where FP32_TOL cannot be promised. moe-tp2-sp: one element of the input
+# embedding (0.28431, a row only a few tokens of the batch touch) differs by 1.59e-5, the same value with 1 or 2
+# torch threads and at the last landed commit: the TP+SP reduction order itself, not the machine. Such a row's
+# gradient can sit near Adam's eps, where the update's sensitivity to a gradient's rounding peaks (lr / (4 eps)
+# = 250x here); every other tensor of that case is within 3e-6, and its losses and grad norms within 1e-5.
+WEIGHT_TOL = {"moe-tp2-sp": 2e-5}
 BF16_LOSS_TOL = 2e-2  # bf16 has 8 mantissa bits: losses of ~6 agree to ~0.5% between reduction orders
 
 # name -> (model, parallel layout, precision, world size). "poison" cases run a NaN step between the
@@ -305,7 +311,7 @@ def test_layout_trains_like_one_process(name, request, references):
     if precision == "fp32":
         assert loss_diff <= FP32_TOL, [(s["loss"], r["loss"]) for s, r in zip(steps, ref["steps"])]
         assert norm_diff <= FP32_TOL
-        assert weight_diff <= FP32_TOL
+        assert weight_diff <= WEIGHT_TOL.get(name, FP32_TOL)
     else:
         assert run["precision"]["master"] == ["torch.float32"] and run["precision"]["reduce"] == ["torch.float32"]
         assert loss_diff <= BF16_LOSS_TOL, [(s["loss"], r["loss"]) for s, r in zip(steps, ref["steps"])]
