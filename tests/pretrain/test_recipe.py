@@ -1,5 +1,6 @@
 """A staged recipe end to end on CPU (conf/recipe/tiny_long_context.yaml): 128 tokens at RoPE base 1e4, then 512
-tokens at base 1e6 with context parallelism 2, the second stage starting from the first one's weights."""
+tokens at base 1e6 with context parallelism 2, the second stage starting from the first one's weights, and its
+validation loss by position before and after the long stage."""
 import json
 import os
 import subprocess
@@ -37,6 +38,16 @@ def test_tiny_long_context_recipe_runs_both_stages_and_carries_the_weights(tmp_p
     # Stage 2 starts from stage 1's trained weights, not from scratch: its first loss is already below the
     # initial ~ln(256) = 5.55 that stage 1 started at (measured: 5.56 -> 5.33 after 6 warmup steps).
     assert second[0]["loss"] < first[0]["loss"] - 0.15, (first[0]["loss"], second[0]["loss"])
+    # Did the long stage work: the long stage evaluated its starting weights (stage 1's, at 512 tokens and the new
+    # RoPE base) as step 0 and again after its last step, by position in 4 buckets of 128. Positions 384-512, which
+    # stage 1 never trained on, get better across it (measured: 5.13 -> 4.75).
+    evals = [r for r in _rows(long / "metrics.jsonl") if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 6] and "loss" not in evals[0]
+    buckets = [k for k in evals[0] if k.startswith("eval/loss_pos_")]
+    assert buckets == [f"eval/loss_pos_{s}_{s + 128}" for s in (0, 128, 256, 384)]
+    before, after = evals[0]["eval/loss_pos_384_512"], evals[1]["eval/loss_pos_384_512"]
+    assert after < before - 0.1, (before, after)
+    assert "eval      0/6" in proc.stderr + proc.stdout and "by position 0:" in proc.stderr + proc.stdout
     # Running the recipe again finds both stages done and starts nothing.
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("already done") == 2, again.stdout + again.stderr[-2000:]
