@@ -57,6 +57,24 @@ class InputConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class LengthFilterConfig:
+    """Keep documents by length in characters, e.g. only long ones for a long-context mixture (README)."""
+
+    enabled: bool = False
+    min_chars: int = 0
+    """Drop documents shorter than this (reason ``too_short``)."""
+    max_chars: int | None = None
+    """Drop documents longer than this (reason ``too_long``); null = no upper bound."""
+
+    def __post_init__(self) -> None:
+        _check_min("filters.length", "min_chars", self.min_chars, 0)
+        _check_min("filters.length", "max_chars", self.max_chars, 1)
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ConfigError(f"data_pipeline.filters.length.max_chars={self.max_chars} is below "
+                              f"min_chars={self.min_chars}: no document could pass")
+
+
+@dataclass(kw_only=True, slots=True)
 class LanguageFilterConfig:
     """fastText LID-176 language identification (datatrove's LanguageFilter), offline."""
 
@@ -183,9 +201,11 @@ class FineWebQualityConfig:
 
 @dataclass(kw_only=True, slots=True)
 class FiltersConfig:
-    """Document filters, applied in this order (FineWeb's): language, Gopher repetition, Gopher quality, C4,
-    FineWeb. Dropped documents go to ``<output_dir>/excluded/<filter>/``."""
+    """Document filters, applied in this order (length, then FineWeb's): language, Gopher repetition, Gopher
+    quality, C4, FineWeb. Dropped documents go to ``<output_dir>/excluded/<filter>/``."""
 
+    length: LengthFilterConfig = field(default_factory=LengthFilterConfig)
+    """Runs first, on every language."""
     language: LanguageFilterConfig = field(default_factory=LanguageFilterConfig)
     gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
     gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)

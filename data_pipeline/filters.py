@@ -140,6 +140,24 @@ def word_tokenizer(language: str) -> str | WordTokenizer:
     return CachingSpacyTokenizer(tok.language) if type(tok) is SpaCyTokenizer else language
 
 
+class LengthFilter(BaseFilter):
+    """Keeps documents of ``min_chars`` to ``max_chars`` characters (None: no upper bound)."""
+
+    name = "📏 Length"
+    type = "🔻 - FILTER"
+
+    def __init__(self, min_chars: int = 0, max_chars: int | None = None, exclusion_writer=None) -> None:
+        super().__init__(exclusion_writer)
+        self.min_chars, self.max_chars = min_chars, max_chars
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if len(doc.text) < self.min_chars:
+            return False, "too_short"
+        if self.max_chars is not None and len(doc.text) > self.max_chars:
+            return False, "too_long"
+        return True
+
+
 class ForLanguages(BaseFilter):
     """Applies ``rule`` (a datatrove filter) only to documents whose ``metadata.language`` is one of
     ``languages`` or unknown; the others pass (counted as ``skipped_other_language``)."""
@@ -172,6 +190,9 @@ def build_filters(cfg: FiltersConfig, excluded_dir: Path) -> list[tuple[str, obj
     def add(name: str, rule: BaseFilter) -> None:
         steps.append((name, ForLanguages(rule, cfg.rules_languages, exclusion_writer=excluded(name))))
 
+    if cfg.length.enabled:  # every language: a length in characters needs no word rules
+        steps.append(("length", LengthFilter(cfg.length.min_chars, cfg.length.max_chars,
+                                             exclusion_writer=excluded("length"))))
     if cfg.language.enabled:
         model = cfg.language.model_path or default_lid_model()
         if not Path(model).is_file():

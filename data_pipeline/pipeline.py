@@ -264,6 +264,8 @@ def _fingerprint(cfg: DataPipelineConfig, inputs: list[str]) -> dict:
     for key in ("overwrite", "progress", "output_dir"):
         data.pop(key)
     data["tokenizer"].pop("backend")  # every engine writes the same ids
+    if not cfg.filters.length.enabled:  # as before the length filter existed: older outputs stay resumable
+        data["filters"].pop("length")
     data["executor"] = {"tasks": cfg.executor.tasks}
     return json.loads(json.dumps(data))  # as it reads back from disk (int dict keys become strings)
 
