@@ -76,3 +76,31 @@ def test_a_run_log_on_a_full_disk_is_reported_once_and_training_goes_on(tmp_path
     assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
     assert "step     3/3" in proc.stdout  # the console handler goes on
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
+
+
+@pytest.mark.timeout(600)
+def test_eval_by_position_and_at_start_reach_metrics_wandb_console_and_plot(tmp_path):
+    """trainer.eval_position_buckets + eval_at_start: a step-0 evaluation row (no training figures) and one per
+    evaluation, the same numbers in metrics.jsonl and wandb, the buckets on the console, and the loss curve drawn."""
+    shards = write_learnable_shards(tmp_path / "shards", vocab_size=256)
+    run_dir = tmp_path / "run"
+    proc = pretrain(tmp_path, f"data.paths=[{shards}]", f"hydra.run.dir={run_dir}", "parallel=single",
+                    "trainer.steps=2", "trainer.eval_every=2", "trainer.eval_steps=1", "trainer.wandb.mode=offline",
+                    "trainer.eval_position_buckets=2", "trainer.eval_at_start=true")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "loss" not in rows[0]
+    keys = ["eval/loss_pos_0_32", "eval/loss_pos_32_64"]
+    for row in (rows[0], rows[2]):
+        assert all(k in row for k in keys)
+        # every bucket holds the same number of tokens here (no loss mask): the buckets' mean is the eval loss
+        assert sum(row[k] for k in keys) / 2 == pytest.approx(row["eval/loss"], rel=1e-6)
+    history = read_wandb_history(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")))
+    by_step = {h["_step"]: h for h in history}
+    assert by_step[0]["eval/loss_pos_32_64"] == rows[0]["eval/loss_pos_32_64"]
+    assert by_step[2]["eval/loss_pos_0_32"] == rows[2]["eval/loss_pos_0_32"]
+    log = proc.stdout + proc.stderr
+    assert "eval      0/2" in log and "by position 0:" in log and " 32:" in log
+    from pretrain.callbacks import plot_loss_curve  # FAST turns the plot off: draw it from this file here
+
+    plot_loss_curve(run_dir / "metrics.jsonl", tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
