@@ -162,13 +162,15 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, evals = {}, {}
+    rows, evals, by_position = {}, {}, {}
     for line in metrics_path.read_text().splitlines():
         row = json.loads(line)
         if "loss" in row:  # not the step-0 evaluation row (trainer.eval_at_start)
             rows[row["step"]] = row["loss"]
         if "eval/loss" in row:
             evals[row["step"]] = row["eval/loss"]
+        for key in (k for k in row if k.startswith("eval/loss_pos_")):  # trainer.eval_position_buckets
+            by_position.setdefault(key, {})[row["step"]] = row[key]
     steps = sorted(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     losses = [rows[s] for s in steps]
@@ -180,6 +182,10 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     ax.plot(steps, smoothed, label="moving average (0.9)")
     if evals:
         ax.plot(sorted(evals), [evals[s] for s in sorted(evals)], "o-", label="validation loss")
+    for key, series in by_position.items():
+        start, end = key.rsplit("_", 2)[-2:]
+        ax.plot(sorted(series), [series[s] for s in sorted(series)], "x--", alpha=0.7,
+                label=f"validation, positions {start}-{end}")
     ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
