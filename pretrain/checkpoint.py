@@ -206,8 +206,6 @@ class Checkpointer:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            if self.rope is not None:
-                (tmp / _ROPE).write_text(json.dumps(self.rope))
         self.wait()  # one save in flight at a time, published in order
         dist.barrier()
         backend = _backend(train_module)
@@ -242,6 +240,8 @@ class Checkpointer:
 
     def _publish(self, tmp: Path, final: Path) -> None:
         if dist.get_rank() == 0:
+            if self.rope is not None:  # after the backend's files: megatron warns about a non-empty folder
+                (tmp / _ROPE).write_text(json.dumps(self.rope))
             (tmp / _CHECKSUMS).write_text(json.dumps(_file_checksums(tmp)))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # the checkpoint is complete from here on ...

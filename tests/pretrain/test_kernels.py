@@ -337,7 +337,9 @@ def test_auto_resolves_per_device():
     from pretrain.config import TrainerConfig
     from pretrain.models.qwen2.model import resolve_kernels
 
-    bf16, fp32 = TrainerConfig(precision="bf16"), TrainerConfig(precision="fp32")
+    # Grouped expert GEMMs are opt-in by default (HF export does not read their checkpoints yet); null = auto.
+    assert resolve_kernels(TrainerConfig(precision="bf16"), on_cuda=True)["moe_grouped_gemm"] is False
+    bf16, fp32 = TrainerConfig(precision="bf16", moe_grouped_gemm=None), TrainerConfig(precision="fp32", moe_grouped_gemm=None)
     assert resolve_kernels(bf16, on_cuda=True) == dict(fused_swiglu=True, cross_entropy="fused", moe_grouped_gemm=True)
     assert resolve_kernels(fp32, on_cuda=True) == dict(fused_swiglu=True, cross_entropy="megatron",
                                                        moe_grouped_gemm=False)
