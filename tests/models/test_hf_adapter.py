@@ -64,8 +64,13 @@ def test_config_round_trip(preset):
     assert back == dataclasses.replace(model, vocab_size=vocab)
 
 
+def test_norm_topk_prob_maps_to_moe_norm_topk():
+    """Qwen2-MoE releases leave top-k weights unnormalised; a config that normalises them is now representable."""
+    assert model_config_from_hf({**QWEN1_5_MOE, "norm_topk_prob": True}).moe_norm_topk is True
+    assert model_config_from_hf(QWEN1_5_MOE).moe_norm_topk is False
+
+
 @pytest.mark.parametrize("change, field", [
-    (dict(norm_topk_prob=True), "norm_topk_prob"),
     (dict(decoder_sparse_step=2), "decoder_sparse_step"),
     (dict(mlp_only_layers=[3]), "mlp_only_layers"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), "linear"),  # yarn and dynamic are supported

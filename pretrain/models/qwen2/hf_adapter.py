@@ -72,9 +72,10 @@ Semantic differences between megatron-core's MoE (as ``model.transformer_config`
   routing megatron's total is ``coeff * L`` and HF's ``coeff * k``. The same coefficient therefore does
   not mean the same pressure; ``tests/models`` checks both formulas against the two implementations.
 * megatron's z-loss (``model.moe_z_loss_coeff``) has no HF counterpart and is dropped on export.
-* HF Qwen2-MoE can mix dense and MoE layers (``decoder_sparse_step``, ``mlp_only_layers``) and
-  renormalise top-k weights (``norm_topk_prob``); our model config cannot express either, so such
-  checkpoints are refused with a ``ConversionError`` rather than converted into a different model.
+* HF Qwen2-MoE can mix dense and MoE layers (``decoder_sparse_step``, ``mlp_only_layers``); our model
+  config cannot express that, so such checkpoints are refused with a ``ConversionError`` rather than
+  converted into a different model. Renormalised top-k weights (``norm_topk_prob``) map to
+  ``model.moe_norm_topk``.
 
 Rotary embeddings: megatron's ``RotaryEmbedding`` computes ``1 / base ** (arange(0, d, 2, fp32) / d)``
 in fp32, bit-identical to HF's default RoPE (checked in the tests); both rotate halves (not
