@@ -3,9 +3,13 @@ tokens at base 1e6 with context parallelism 2, the second stage starting from th
 validation loss by position before and after the long stage."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from pretrain.testing import write_learnable_shards
 
@@ -16,15 +20,32 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_tiny_long_context_recipe_runs_both_stages_and_carries_the_weights(tmp_path):
-    data = write_learnable_shards(tmp_path / "shards", vocab_size=256, documents=64, doc_len=300)
-    run_dir = tmp_path / "recipe"
+def _env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "pretrain", "recipe=tiny_long_context", f"recipe.run_dir={run_dir}",
-           f"data.paths=[{data}]", "trainer.steps=6", "trainer.eval_every=6", "trainer.eval_steps=1", "trainer.wandb.mode=disabled",
-           "trainer.plot_loss=false", "parallel=tp2"]  # parallel=tp2 is overridden by each stage's own layout
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return env
+
+
+def _cmd(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pretrain", "recipe=tiny_long_context", f"recipe.run_dir={run_dir}",
+            f"data.paths=[{data}]", "trainer.steps=6", "trainer.eval_every=6", "trainer.eval_steps=1",
+            "trainer.wandb.mode=disabled", "trainer.plot_loss=false",
+            "parallel=tp2", *extra]  # parallel=tp2 is overridden by each stage's own layout
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> dict:
+    """The uninterrupted recipe, shared by the tests below."""
+    root = tmp_path_factory.mktemp("recipe")
+    data = write_learnable_shards(root / "shards", vocab_size=256, documents=64, doc_len=300)
+    run_dir = root / "recipe"
+    cmd = _cmd(data, run_dir)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    return {"data": data, "run_dir": run_dir, "cmd": cmd, "proc": proc}
+
+
+def test_tiny_long_context_recipe_runs_both_stages_and_carries_the_weights(recipe):
+    run_dir, cmd, proc, env = recipe["run_dir"], recipe["cmd"], recipe["proc"], _env()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     short, long = run_dir / "short_128", run_dir / "long_512"
     assert (short / "STAGE_DONE").is_file() and (long / "STAGE_DONE").is_file()
@@ -51,3 +72,36 @@ def test_tiny_long_context_recipe_runs_both_stages_and_carries_the_weights(tmp_p
     # Running the recipe again finds both stages done and starts nothing.
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("already done") == 2, again.stdout + again.stderr[-2000:]
+
+
+def test_a_recipe_interrupted_mid_stage_resumes_with_the_same_losses(recipe, tmp_path):
+    """SIGKILL the recipe in its long stage after step 3 (checkpoint at step 2), run the same command again:
+    stage 1 is skipped, stage 2 resumes from its own checkpoint, and its losses equal the uninterrupted run's."""
+    from test_checkpoint import _process_tree, _signal
+
+    run_dir = tmp_path / "recipe"
+    cmd = _cmd(recipe["data"], run_dir, "trainer.save_every=2")
+    metrics = run_dir / "long_512" / "metrics.jsonl"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    tree, deadline = [], time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            tree = _process_tree(proc.pid)
+            _signal(tree, signal.SIGSTOP)  # frozen while read: killed in the state that was read
+            if metrics.exists() and any(r.get("step") == 3 and "loss" in r for r in _rows(metrics)):
+                break
+            _signal(tree, signal.SIGCONT)
+            time.sleep(0.05)
+        assert proc.poll() is None, "the recipe ended before its long stage reached step 3"
+    finally:
+        _signal(tree + _process_tree(proc.pid), signal.SIGKILL)
+        proc.wait()
+    assert not (run_dir / "long_512" / "STAGE_DONE").exists()
+    again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert again.stdout.count("already done") == 1, again.stdout[-2000:]  # stage 1 only
+    resumed = {r["step"]: r["loss"] for r in _rows(metrics) if "loss" in r}
+    straight = {r["step"]: r["loss"] for r in _rows(recipe["run_dir"] / "long_512" / "metrics.jsonl") if "loss" in r}
+    assert sorted(resumed) == list(range(1, 7))  # one clean history: the replayed steps are not doubled
+    assert resumed == straight  # bit-identical, as for plain runs
