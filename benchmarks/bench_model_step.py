@@ -1,6 +1,6 @@
 """One training step (forward, backward, AdamW) of this project's megatron-core Qwen2 vs transformers'.
 
-Both models hold the same weights (copied through ``pretrain.models.qwen2.hf_adapter``) and see the
+Both models hold the same weights (copied through ``pretrain.models.hf``) and see the
 same batch; steps alternate between the two so that noise from other processes on the machine hits
 both alike. Reported: the median step time of each after warm-up and the ratio megatron / transformers
 (> 1: ours is slower).
@@ -13,7 +13,7 @@ Both sides use torch SDPA attention, fp32, no dropout, ``torch.optim.AdamW`` (fo
 hyper-parameters. The megatron side is the bare ``GPTModel`` chunk (no DDP wrapper or megatron
 optimizer: a single process has nothing to reduce). For the MoE, transformers is run with
 ``output_router_logits=True`` so that both compute a load-balancing loss (their formulas differ; see
-hf_adapter).
+pretrain/models/qwen2/state_dict.py).
 """
 from __future__ import annotations
 
@@ -73,9 +73,9 @@ def _adamw(params):
 def bench_one(preset: str, args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from pretrain.models.qwen2.convert import load_model_config
-    from pretrain.models.qwen2.hf_adapter import hf_config_from_model, hf_state_dict_from_module, load_hf_into_chunks
-    from pretrain.models.qwen2.model import build_model_chunks, transformer_config
+    from pretrain.convert import load_model_config
+    from pretrain.models.hf import hf_config_from_model, hf_state_dict_from_module, load_hf_into_chunks
+    from pretrain.models.decoder.model import build_model_chunks, transformer_config
 
     model = dataclasses.replace(load_model_config(preset), vocab_size=args.vocab_size,
                                 max_seq_len=max(args.seq_len, 128))

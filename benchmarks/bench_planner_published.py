@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.models.qwen2.config import ModelConfig  # noqa: E402
+from pretrain.models.config import ModelConfig  # noqa: E402
 from pretrain.plan.hardware import GPUS, GPU  # noqa: E402
 from pretrain.plan.memory import Layout  # noqa: E402
 from pretrain.plan.search import estimate  # noqa: E402

@@ -15,7 +15,7 @@ What is measured, in one process, one side after the other (never both resident 
   foreach kernels), grad clipping, LR schedule. One ``TrainModule.train_batch`` call = one timed step (forward, backward, optimizer).
 * **peer** (``--peer hf``): transformers ``Qwen2ForCausalLM`` / ``Qwen2MoeForCausalLM`` built from the
   same shape (``hf_config_from_model``), holding the SAME initial weights (ours' weights converted with
-  ``hf_adapter.to_hf``), ``attn_implementation="sdpa"``, torch fused AdamW (same lr, betas, eps, weight
+  ``pretrain.models.hf.to_hf``), ``attn_implementation="sdpa"``, torch fused AdamW (same lr, betas, eps, weight
   decay with no decay on biases/norms, grad clip), the same token batch. ``--peer-precision master``
   (default) mirrors ours: bf16 weights and compute, fp32 master weights + gradients + AdamW states;
   ``amp``: fp32 weights + ``torch.autocast(bf16)`` (HF Trainer's bf16=True; note transformers' grouped_mm
@@ -29,7 +29,7 @@ seq-len / median step time (every position counts, as in the trainer's Throughpu
 
     MFU = tokens/s x flops_per_token / peak_bf16_dense_flops
 
-reported in two conventions side by side (``pretrain.models.qwen2.flops.flops_per_token``; 6 x active matmul
+reported in two conventions side by side (``pretrain.models.decoder.flops.flops_per_token``; 6 x active matmul
 weights incl. the output layer, embedding lookup excluded, plus attention): ``mfu`` (PaLM / nanotron /
 torchtitan: 12 x layers x heads x head_dim x seq, causal masking NOT discounted) and ``mfu_causal``
 (Megatron-LM's ``num_floating_point_operations``: half of that attention term), the same for both sides; and
@@ -355,7 +355,7 @@ def make_batch(job, args: argparse.Namespace, device) -> list[dict]:
 
 
 def _compile_peer_layers(layers, moe: bool) -> str:
-    """The peer gets the scope ``trainer.compile`` gives ours (``pretrain.models.qwen2.compile.apply_compile``):
+    """The peer gets the scope ``trainer.compile`` gives ours (``pretrain.models.decoder.compile.apply_compile``):
     ``torch.compile`` per decoder layer in place, MoE: per attention block; the same recompile limit."""
     import torch._dynamo.config as dynamo_config
 
@@ -388,7 +388,7 @@ def _diff(after: dict, before: dict) -> dict:
 def run_ours(job, args: argparse.Namespace, batch: list[dict], *, want_hf_weights: bool) -> tuple[dict, dict | None]:
     """Build ours as the trainer does, time it, free it. Returns (result, initial weights in HF naming)."""
     from pretrain.build import build_train_module
-    from pretrain.models.qwen2.hf_adapter import Layout, local_state_dict, to_hf, unwrap_chunk
+    from pretrain.models.hf import Layout, local_state_dict, to_hf, unwrap_chunk
 
     result: dict = {"name": "ours", "impl": "megatron-core GPTModel + DDP + distributed optimizer",
                     "memory_baseline_gib": _memory_start()}
@@ -482,7 +482,7 @@ def _describe_optimizer(opt) -> str:
 
 def _kernels(job) -> dict:
     """Ours' kernel knobs as this machine resolves them (trainer.fused_swiglu / cross_entropy / moe_grouped_gemm)."""
-    from pretrain.models.qwen2.model import resolve_kernels
+    from pretrain.models.decoder.model import resolve_kernels
 
     return dict(resolve_kernels(job.trainer), foreach_grad_norm=job.optim.foreach_grad_norm,
                 cross_entropy_chunk=job.trainer.cross_entropy_chunk)
@@ -586,7 +586,7 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from pretrain.models.qwen2.hf_adapter import hf_config_from_model
+    from pretrain.models.hf import hf_config_from_model
 
     on_gpu = torch.cuda.is_available()
     dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -825,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from parallel.mesh import destroy_distributed, device, init_distributed
-    from pretrain.models.qwen2.flops import flops_per_token, param_count
+    from pretrain.models.decoder.flops import flops_per_token, param_count
 
     bf16 = args.precision == "bf16" or (args.precision == "auto" and on_gpu)
     job = compose_job(args, bf16=bf16)

@@ -115,7 +115,7 @@ def measure(module) -> dict[str, int]:
 def _job(args, zero: int):
     from parallel.config import ParallelConfig
     from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig, WandbConfig
-    from pretrain.models.qwen2.config import ModelConfig
+    from pretrain.models.config import ModelConfig
 
     model = ModelConfig(name="bench", hidden_size=args.hidden, ffn_hidden_size=int(args.hidden * 2.75) // 8 * 8,
                         num_layers=args.layers, num_heads=8, num_kv_heads=4, vocab_size=args.vocab)

@@ -15,9 +15,8 @@ from pretrain.callbacks import ConsoleLogger, MetricsFile, PlannerVsMeasured, Th
 from pretrain.checkpoint import Checkpointer, check_resumable
 from pretrain.config import JobConfig
 from pretrain.data import Shards, build_datasets, microbatches
-from pretrain.models import rope_scaling
-from pretrain.models.qwen2.flops import flops_per_token
-from pretrain.models.qwen2.model import build_model_chunks, padded_vocab_size, resolve_kernels, transformer_config
+from pretrain.models import registry, rope_scaling
+from pretrain.models.decoder.model import padded_vocab_size, resolve_kernels
 from pretrain.optim import build_optimizer
 from pretrain.preflight import check_resume_shape, vocab_padding_note
 from pretrain.train_module import TrainModule
@@ -33,8 +32,9 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
     DDP + optimizer: a ``DeepSpeedTrainModule`` with the same ``train_batch`` contract.
     """
     p, t, bf16 = job.parallel, job.trainer, job.trainer.precision == "bf16"
+    family = registry.get(job.model.family)  # the model's config -> megatron config and layer spec
     kernels = resolve_kernels(t)  # trainer.fused_swiglu / cross_entropy / moe_grouped_gemm, auto resolved
-    config = transformer_config(
+    config = family.transformer_config(
         job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
         dp=parallel_state.get_data_parallel_world_size(), sequence_parallel=p.sequence_parallel,
         moe_dispatcher=p.moe_dispatcher, bf16=bf16, recompute=t.recompute, recompute_modules=tuple(t.recompute_modules),
@@ -44,14 +44,14 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
     # this flag when it is built to sum (not average) gradients over dp. Set later, gradients and the
     # reported norm came out dp times too small and clipping acted at dp x optim.clip_grad.
     config.calculate_per_token_loss = True
-    chunks = build_model_chunks(job.model, config, vocab_size,
-                                cross_entropy_chunk=t.cross_entropy_chunk if kernels['cross_entropy'] == 'chunked' else 0)
+    ce_chunk = t.cross_entropy_chunk if kernels["cross_entropy"] == "chunked" else 0
+    chunks = family.build_model_chunks(job.model, config, vocab_size, cross_entropy_chunk=ce_chunk)
     if init_weights and job.model.init_from is not None:  # before the optimizer copies the weights
-        from pretrain.models.qwen2.convert import init_chunks_from
+        from pretrain.convert import init_chunks_from
 
         init_chunks_from(chunks, job.model, job.model.init_from)
     if t.compile:  # on the bare GPTModels, before any wrapper (compilation itself happens at the first step)
-        from pretrain.models.qwen2.compile import apply_compile
+        from pretrain.models.decoder.compile import apply_compile
 
         apply_compile(chunks, moe=job.model.is_moe)
     if p.zero in (2, 3):  # DeepSpeed keeps its own bf16 copy and fp32 master partitions: no Float16Module
@@ -99,12 +99,10 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
         return itertools.islice(batches_from(0, valid_set), t.eval_steps)
 
     if mesh.is_logging_rank:
-        from pretrain.models.qwen2.flops import param_count
-
         if note := vocab_padding_note(job.model, shards.vocab_size, job.parallel.tp):
             log.info(note)
 
-        count = param_count(job.model, vocab_size)
+        count = registry.get(job.model.family).param_count(job.model, vocab_size)
         log.info("model %s: %.2fM parameters (%.2fM active), vocab %d | %d train samples of %d tokens | "
                  "%d microbatches of %d per step", job.model.name, count.total / 1e6, count.active / 1e6, vocab_size,
                  len(train_set), job.data.seq_len, t.global_batch_size // (t.micro_batch_size * mesh.dp),
@@ -112,6 +110,7 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
         if t.eval_every:
             log.info("validation: %d samples, %d batches of %d every %d steps and at the end", len(valid_set),
                      t.eval_steps, t.global_batch_size, t.eval_every)
+    flops_per_token = registry.get(job.model.family).flops_per_token
     callbacks = [Throughput(flops_per_token(job.model, job.data.seq_len, vocab_size), mesh.world_size,
                             flops_per_token(job.model, job.data.seq_len, vocab_size, causal=True))]
     if mesh.is_logging_rank:

@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 
 from common.errors import ConfigError, check_choice
 from parallel.config import ParallelConfig
-from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.config import ModelConfig
 
 
 @dataclass(kw_only=True, slots=True)

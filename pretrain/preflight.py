@@ -21,7 +21,7 @@ import numpy as np
 from common.errors import ConfigError, DataError
 from pretrain.config import DataConfig, JobConfig
 from pretrain.models import rope_scaling
-from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.config import ModelConfig
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core indexed_dataset._INDEX_HEADER, version 1
 _IDX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents + 1: 34 bytes
@@ -88,7 +88,7 @@ def check_shard(prefix: Path, *, documents: int | None, tokens: int | None, dtyp
 # --------------------------------------------------------------------------------------------------
 def check_vocab(model: ModelConfig, tokenizer_vocab: int, tp: int) -> int:
     """The embedding's row count for this job (``padded_vocab_size``), or ConfigError."""
-    from pretrain.models.qwen2.model import padded_vocab_size
+    from pretrain.models.decoder.model import padded_vocab_size
 
     vocab = padded_vocab_size(model, tokenizer_vocab, tp)
     if vocab % tp:
@@ -145,7 +145,7 @@ def saved_model_shape(ckpt: Path) -> dict:
     emb = sizes.get("embedding.word_embeddings.weight")
     qkv = sizes.get("decoder.layers.self_attention.linear_qkv.weight")
     if emb is None or qkv is None:
-        raise ConfigError(f"{ckpt} holds no Qwen2 model weights (no embedding or attention tensors)")
+        raise ConfigError(f"{ckpt} holds no model weights (no embedding or attention tensors)")
     shape = {"vocab_size": emb[0], "hidden_size": emb[1], "num_layers": qkv[0], "qkv_rows": qkv[1],
              "tie_embeddings": "output_layer.weight" not in sizes, "num_experts": None}
     layer = "decoder.layers.mlp."
@@ -196,8 +196,8 @@ def check_resume_shape(ckpt: Path, model: ModelConfig, vocab: int) -> None:
 
 def check_init_from(model: ModelConfig, vocab: int, tokenizer_vocab: int) -> None:
     """``model.init_from`` exists, is readable and fits this model (shape; enough vocabulary rows)."""
-    from pretrain.models.qwen2.convert import check_same_shape, resolve_checkpoint_dir
-    from pretrain.models.qwen2.hf_adapter import ConversionError, HFCheckpoint, model_config_from_hf
+    from pretrain.convert import check_same_shape, resolve_checkpoint_dir
+    from pretrain.models.hf import ConversionError, HFCheckpoint, model_config_from_hf
 
     what = f"model.init_from={model.init_from}"
     source = Path(model.init_from)

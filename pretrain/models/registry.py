@@ -1,9 +1,11 @@
 """Model families: what each one declares once (torchtitan's ``ModelSpec``), picked by ``model.family``.
 
 A family is a folder under ``pretrain/models/`` whose ``family.py`` builds one :class:`ModelFamily`.
-Shared code (build, convert, preflight) asks this registry instead of naming a family. Qwen2 and Qwen3
-share the decoder implementation (``qwen2/``: config switches, megatron spec, state-dict adapter, FLOPs);
-Qwen3's folder adds only its Hugging Face config mapping.
+Shared code (build, convert, preflight, the planner) asks this registry instead of naming a family. The
+families share the decoder (``decoder/``: megatron spec, layers, FLOPs; its variants are switches of
+``config.ModelConfig``) and the family-agnostic Hugging Face I/O and sharding (``hf/``); a family folder holds
+its Hugging Face config mapping and, where its weight names differ, its state-dict adapter (Qwen3 reads and
+writes Qwen2's names, so it points at Qwen2's adapter).
 """
 from __future__ import annotations
 
@@ -33,9 +35,13 @@ class ModelFamily:
     transformer_config: Callable
     """``(config, *, tp, pp, ...) -> TransformerConfig``."""
     state_dict_adapter: str
-    """Module with ``to_megatron``/``to_hf``/``load_hf_into_chunks`` (HF <-> megatron weights, any layout)."""
+    """Module with ``global_from_hf``, ``hf_from_global`` and ``hf_vocab_rows``: HF weight names <-> megatron
+    global names (``hf.sharding`` does the layouts)."""
     param_count: Callable
     flops_per_token: Callable
+
+    def adapter(self):
+        return importlib.import_module(self.state_dict_adapter)
 
 
 def names() -> tuple[str, ...]:
@@ -50,7 +56,7 @@ def get(name: str) -> ModelFamily:
 
 def family_of_hf(model_type: str | None) -> ModelFamily:
     """The family that reads a transformers config of ``model_type``."""
-    from pretrain.models.qwen2.hf_adapter import ConversionError
+    from pretrain.models.hf.checkpoint import ConversionError
 
     for name in _MODULES:
         family = get(name)

@@ -44,7 +44,7 @@ def _device_gpu():
 
 
 def check_before_launch(job, world_size: int, vocab: int, *, gpu=None) -> None:
-    from pretrain.models.qwen2.model import padded_vocab_size
+    from pretrain.models.decoder.model import padded_vocab_size
     from pretrain.plan.search import estimate, plan
 
     bf16 = job.trainer.precision == "bf16"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.config import ModelConfig
 
 GiB = 2**30
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from common.errors import ConfigError
 from parallel.config import ParallelConfig
-from pretrain.models.qwen2.config import ModelConfig
-from pretrain.models.qwen2.flops import flops_per_token
+from pretrain.models.config import ModelConfig
+from pretrain.models import registry
 from pretrain.plan.hardware import GPU
 from pretrain.plan.memory import GiB, Layout, model_states, stage_activation_peak
 from pretrain.plan.timing import step_time
@@ -65,7 +65,7 @@ def estimate(m: ModelConfig, vocab: int, lay: Layout, gpu: GPU, *, seq_len: int,
     times = {"compute": t.compute, "tp_comm": t.tp_comm, "cp_comm": t.cp_comm, "ep_comm": t.ep_comm,
              "pp_bubble": t.pp_bubble, "dp_comm": t.dp_comm, "total": t.total}
     tps = global_batch_size * seq_len / t.total / lay.gpus
-    mfu = tps * flops_per_token(m, seq_len, vocab) / (gpu.bf16_tflops * 1e12)
+    mfu = tps * registry.get(m.family).flops_per_token(m, seq_len, vocab) / (gpu.bf16_tflops * 1e12)
     est = Estimate(layout=lay, memory=worst, time=times, tokens_per_s_per_gpu=tps, mfu=mfu)
     if worst["total"] > gpu.memory_gib:
         est.feasible = False

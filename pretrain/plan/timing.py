@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.config import ModelConfig
 from pretrain.plan.hardware import GPU
 from pretrain.plan.memory import Layout, rank_params
 

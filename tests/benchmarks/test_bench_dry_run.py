@@ -152,6 +152,6 @@ def test_real_preset_shape(dry_runs):
     assert abs(ours["loss_step0"] - 11.93) < 0.5
     assert all(abs(a - b) < 1e-4 for a, b in zip(ours["losses"], peer["losses"])), (ours["losses"], peer["losses"])
     # Both MFU conventions are computed from the same shape: the causal one discounts half the attention term.
-    from pretrain.models.qwen2.flops import flops_per_token  # noqa: F401 - importable without a GPU
+    from pretrain.models.decoder.flops import flops_per_token  # noqa: F401 - importable without a GPU
     m = 2 * 14 * 64 * 64  # layers * heads * head_dim * seq
     assert doc["flops_per_token"] - doc["flops_per_token_causal"] == pytest.approx(6 * m)

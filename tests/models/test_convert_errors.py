@@ -1,4 +1,4 @@
-"""`python -m pretrain.models.qwen2.convert` refuses bad input in one `conversion error:` line (exit 2) before it
+"""`python -m pretrain.convert` refuses bad input in one `conversion error:` line (exit 2) before it
 starts any rank or writes anything."""
 import os
 import shutil
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def convert(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "pretrain.models.qwen2.convert", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "pretrain.convert", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

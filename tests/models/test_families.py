@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pretrain.models import registry
-from pretrain.models.qwen2.convert import load_model_config
-from pretrain.models.qwen2.flops import param_count
+from pretrain.convert import load_model_config
+from pretrain.models.decoder.flops import param_count
 
 # preset -> (published total parameters, significant digits it is published with). Sources:
 # Qwen2.5: the Hugging Face Hub's safetensors parameter count of Qwen/Qwen2.5-<size> (exact);
@@ -58,7 +58,7 @@ def test_registry_families_and_hf_types():
     assert registry.names() == ("qwen2", "qwen3")
     assert registry.family_of_hf("qwen2_moe").name == "qwen2"
     assert registry.family_of_hf("qwen3_moe").name == "qwen3"
-    from pretrain.models.qwen2.hf_adapter import ConversionError
+    from pretrain.models.hf import ConversionError
 
     with pytest.raises(ConversionError, match="model_type='llama' is not supported"):
         registry.family_of_hf("llama")
@@ -72,7 +72,7 @@ def test_registry_families_and_hf_types():
 def test_qwen3_conversion_refuses_what_it_cannot_represent(change, field):
     from transformers import Qwen3Config
 
-    from pretrain.models.qwen2.hf_adapter import ConversionError, model_config_from_hf
+    from pretrain.models.hf import ConversionError, model_config_from_hf
 
     config = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=32, vocab_size=256, **change)
@@ -82,7 +82,7 @@ def test_qwen3_conversion_refuses_what_it_cannot_represent(change, field):
 
 
 def test_qwen3_config_round_trips_through_transformers():
-    from pretrain.models.qwen2.hf_adapter import hf_config_from_model, model_config_from_hf
+    from pretrain.models.hf import hf_config_from_model, model_config_from_hf
 
     for preset in ("qwen3_8b", "qwen3_30b_a3b"):
         m = load_model_config(preset)
@@ -96,7 +96,7 @@ def test_qwen3_config_round_trips_through_transformers():
 def test_qwen2_refuses_qwen3_switches():
     import dataclasses
 
-    from pretrain.models.qwen2.hf_adapter import ConversionError, hf_config_from_model
+    from pretrain.models.hf import ConversionError, hf_config_from_model
 
     m = load_model_config("qwen2_5_0_5b")
     with pytest.raises(ConversionError, match="model.qk_norm"):

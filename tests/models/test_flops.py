@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.models.qwen2.config import ModelConfig
-from pretrain.models.qwen2.flops import flops_per_token
+from pretrain.models.config import ModelConfig
+from pretrain.models.decoder.flops import flops_per_token
 
 QWEN2_1_5B = ModelConfig(name="qwen2_1_5b", hidden_size=1536, ffn_hidden_size=8960, num_layers=28, num_heads=12,
                          num_kv_heads=2, vocab_size=151936, tie_embeddings=True)

@@ -48,7 +48,7 @@ def run_scopes(rank: int, world_size: int, hf_dir: str) -> dict:
     from parallel.mesh import init_distributed
     from pretrain.build import build_train_module
     from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, model_config_from_hf, unwrap_chunk
+    from pretrain.models.hf import HFCheckpoint, model_config_from_hf, unwrap_chunk
 
     parallel = ParallelConfig(zero=0)  # plain DDP: every rank holds the whole all-reduced gradient
     init_distributed(parallel, seed=0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from qwen2_tiny_hf import VOCAB, build_tiny_hf
-from pretrain.models.qwen2.config import ModelConfig
-from pretrain.models.qwen2.convert import load_model_config
-from pretrain.models.qwen2.hf_adapter import (
+from pretrain.models.config import ModelConfig
+from pretrain.convert import load_model_config
+from pretrain.models.hf import (
     ConversionError,
     HFCheckpoint,
     Layout,
@@ -217,7 +217,7 @@ def test_checkpoint_reader_accepts_fused_experts_and_sharded_files(tiny, tmp_pat
 
 
 def test_init_from_a_checkpoint_of_another_shape_is_refused(hf_dirs):
-    from pretrain.models.qwen2.convert import init_chunks_from
+    from pretrain.convert import init_chunks_from
 
     model = dataclasses.replace(load_model_config("qwen2_tiny"), vocab_size=VOCAB)  # hidden 128 vs 64
     with pytest.raises(ConversionError, match="hidden_size: checkpoint 64 vs model 128"):

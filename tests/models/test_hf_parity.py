@@ -2,7 +2,7 @@
 
 One 2-rank gloo job (``run_parity``) walks through every layout, tearing megatron's parallel state
 down and rebuilding it between them: for each it builds the model chunks, loads the HF weights through
-``hf_adapter`` (or a converted checkpoint), and measures logits / loss / routing against transformers'
+``pretrain.models.hf`` (or a converted checkpoint), and measures logits / loss / routing against transformers'
 output computed here in the parent, plus the HF -> megatron -> HF round trip. It also saves checkpoints
 (model-only and a full trainer checkpoint) that the tests then export back to HF. The tests only read
 the numbers it returns.
@@ -88,7 +88,7 @@ def _setup(layout: dict) -> None:
 
 
 def _build(model, layout: dict):
-    from pretrain.models.qwen2.model import build_model_chunks, transformer_config
+    from pretrain.models.decoder.model import build_model_chunks, transformer_config
 
     config = transformer_config(model, tp=layout.get("tp", 1), pp=layout.get("pp", 1), vpp=layout.get("vpp", 1),
                                 ep=layout.get("ep", 1), etp=layout.get("etp"))
@@ -128,7 +128,7 @@ def _forward(chunks, tokens: torch.Tensor, labels: torch.Tensor | None = None) -
 
 def _record_routing(chunks, maps: dict):
     """Hooks that store each router's routing map [s*b, E] under its global layer number."""
-    from pretrain.models.qwen2.hf_adapter import unwrap_chunk
+    from pretrain.models.hf import unwrap_chunk
 
     handles = []
     for c in chunks:
@@ -157,7 +157,7 @@ def _round_trip(chunks, model, hf_dir: Path, hf_vocab: int) -> list[str]:
     """Gather every rank's local state dicts, map them back to HF, list tensors not bit-identical."""
     import torch.distributed as dist
 
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, Layout, local_state_dict, to_hf
+    from pretrain.models.hf import HFCheckpoint, Layout, local_state_dict, to_hf
 
     mine = [(Layout.current(vp_stage=i if len(chunks) > 1 else None), local_state_dict(c))
             for i, c in enumerate(chunks)]
@@ -173,8 +173,8 @@ def _round_trip(chunks, model, hf_dir: Path, hf_vocab: int) -> list[str]:
 
 
 def run_parity(rank: int, world_size: int, hf_dirs: dict, refs: dict, import_dir: Path, out_root: Path) -> dict:
-    from pretrain.models.qwen2.convert import init_chunks_from, save_model_checkpoint
-    from pretrain.models.qwen2.hf_adapter import (
+    from pretrain.convert import init_chunks_from, save_model_checkpoint
+    from pretrain.models.hf import (
         HFCheckpoint, Layout, load_hf_into_chunks, model_config_from_hf, unwrap_chunk)
 
     results = {}
@@ -235,8 +235,8 @@ def _trainer_checkpoint(hf_dir: Path, run_dir: Path, tokens: torch.Tensor) -> tu
     from pretrain.build import build_train_module
     from pretrain.checkpoint import Checkpointer
     from pretrain.config import DataConfig, JobConfig, TrainerConfig
-    from pretrain.models.qwen2.convert import init_chunks_from
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, Layout, local_state_dict, model_config_from_hf, to_hf
+    from pretrain.convert import init_chunks_from
+    from pretrain.models.hf import HFCheckpoint, Layout, local_state_dict, model_config_from_hf, to_hf
 
     _setup(dict(tp=2))
     model = model_config_from_hf(HFCheckpoint(hf_dir).config, name="dense")
@@ -288,7 +288,7 @@ def parity(hf_dirs, tmp_path_factory) -> dict:
     import_dir = out_root / "import-pad"
     # The CLI in its own process (it starts a process group), with vocabulary padding 250 -> 256.
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain.models.qwen2.convert", "import", "--hf", str(hf_dirs["dense_pad"]),
+        [sys.executable, "-m", "pretrain.convert", "import", "--hf", str(hf_dirs["dense_pad"]),
          "--out", str(import_dir), "--vocab-size", str(MEGATRON_VOCAB)],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -376,7 +376,7 @@ def _counts_probs(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, to
 
 
 def test_aux_loss_formulas(parity):
-    """The load-balancing losses differ as documented in hf_adapter: megatron, per layer,
+    """The load-balancing losses differ as documented in pretrain/models/qwen2/state_dict.py: megatron, per layer,
     E / (T^2 k) * sum_e count_e prob_e (then summed over layers); HF, once over all layers concatenated,
     E / (T L)^2 * sum_e count_e prob_e (no 1/k)."""
     ref = parity["refs"]["moe"]
@@ -397,7 +397,7 @@ def test_aux_loss_formulas(parity):
 # Export: checkpoints written above -> HF dirs, compared with the originals
 # --------------------------------------------------------------------------------------------------
 def _assert_same_hf(exported: Path, original: Path) -> None:
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, model_config_from_hf
+    from pretrain.models.hf import HFCheckpoint, model_config_from_hf
 
     a, b = HFCheckpoint(exported), HFCheckpoint(original)
     assert sorted(a) == sorted(b)
@@ -411,7 +411,7 @@ def _assert_same_hf(exported: Path, original: Path) -> None:
 def test_export_model_checkpoint_loads_in_transformers(parity, hf_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pretrain.models.qwen2.convert import export_checkpoint
+    from pretrain.convert import export_checkpoint
 
     out = export_checkpoint(parity["out_root"] / "ckpt-dense-tp2", tmp_path / "hf")
     _assert_same_hf(out, hf_dirs["dense"])
@@ -422,7 +422,7 @@ def test_export_model_checkpoint_loads_in_transformers(parity, hf_dirs, tmp_path
 
 
 def test_export_cli_moe_saved_under_tp2_ep2(parity, hf_dirs, tmp_path):
-    from pretrain.models.qwen2.convert import main
+    from pretrain.convert import main
 
     assert main(["export", "--checkpoint", str(parity["out_root"] / "ckpt-moe-tp2-ep2-etp1"),
                  "--out", str(tmp_path / "hf")]) == 0
@@ -431,7 +431,7 @@ def test_export_cli_moe_saved_under_tp2_ep2(parity, hf_dirs, tmp_path):
 
 def test_export_cli_qwen3_moe_saved_under_tp2_ep2(parity, hf_dirs, tmp_path):
     """A Qwen3-MoE checkpoint exports as Qwen3MoeForCausalLM (family from the saved model config), bit-identical."""
-    from pretrain.models.qwen2.convert import main
+    from pretrain.convert import main
 
     assert main(["export", "--checkpoint", str(parity["out_root"] / "ckpt-qwen3_moe-tp2-ep2-etp1"),
                  "--out", str(tmp_path / "hf")]) == 0
@@ -441,8 +441,8 @@ def test_export_cli_qwen3_moe_saved_under_tp2_ep2(parity, hf_dirs, tmp_path):
 
 def test_export_trainer_checkpoint(parity, hf_dirs, tmp_path):
     """A Checkpointer checkpoint (with optimizer state); the model shape comes from the run's resolved_config.yaml."""
-    from pretrain.models.qwen2.convert import main
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint
+    from pretrain.convert import main
+    from pretrain.models.hf import HFCheckpoint
 
     assert main(["export", "--checkpoint", str(parity["trainer_checkpoint"]), "--out", str(tmp_path / "hf")]) == 0
     exported, trained, original = HFCheckpoint(tmp_path / "hf"), parity["trained"], HFCheckpoint(hf_dirs["dense"])
@@ -452,7 +452,7 @@ def test_export_trainer_checkpoint(parity, hf_dirs, tmp_path):
 
 
 def test_import_cli_then_export_drops_vocab_padding(parity, hf_dirs, tmp_path):
-    from pretrain.models.qwen2.convert import export_checkpoint, read_checkpoint_tensors
+    from pretrain.convert import export_checkpoint, read_checkpoint_tensors
 
     assert read_checkpoint_tensors(parity["import_dir"])["embedding.word_embeddings.weight"].shape[0] == MEGATRON_VOCAB
     out = export_checkpoint(parity["import_dir"], tmp_path / "hf")

@@ -36,8 +36,8 @@ def _hf_model(scaling: dict | None):
 def run_logits(rank: int, world_size: int, hf_states: dict, hf_configs: dict, tokens: torch.Tensor) -> dict:
     from parallel.config import ParallelConfig
     from parallel.mesh import init_distributed
-    from pretrain.models.qwen2.hf_adapter import load_hf_into_chunks, model_config_from_hf
-    from pretrain.models.qwen2.model import build_model_chunks, transformer_config
+    from pretrain.models.hf import load_hf_into_chunks, model_config_from_hf
+    from pretrain.models.decoder.model import build_model_chunks, transformer_config
 
     init_distributed(ParallelConfig(), seed=0)
     out = {}
@@ -100,8 +100,8 @@ def test_yarn_inverse_frequencies_and_attention_factor_equal_transformers():
 def test_export_writes_rope_scaling_and_import_reads_it(kind):
     from transformers import AutoConfig
 
-    from pretrain.models.qwen2.config import ModelConfig
-    from pretrain.models.qwen2.hf_adapter import hf_config_from_model, model_config_from_hf
+    from pretrain.models.config import ModelConfig
+    from pretrain.models.hf import hf_config_from_model, model_config_from_hf
     from pretrain.models.rope_scaling import RopeScalingConfig
 
     model = ModelConfig(vocab_size=256, max_seq_len=512, rope_base=1e4,

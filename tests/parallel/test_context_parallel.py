@@ -1,4 +1,4 @@
-"""Context-parallel attention (``pretrain.models.qwen2.layers.context_parallel_attention``) against one
+"""Context-parallel attention (``pretrain.models.decoder.layers.context_parallel_attention``) against one
 full-sequence causal SDPA: outputs and the gradients of q, k and v, at cp=2 and cp=4, with GQA.
 
 One 4-rank job runs both degrees: cp=4 over the whole world, and cp=2 over the subgroups {0, 1} and
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.testing import run_distributed
-from pretrain.models.qwen2.layers import context_parallel_attention  # imported once: forked ranks inherit it
+from pretrain.models.decoder.layers import context_parallel_attention  # imported once: forked ranks inherit it
 
 SEQ, BATCH, HEADS, KV_HEADS, DIM = 32, 2, 4, 2, 8
 

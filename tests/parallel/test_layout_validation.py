@@ -11,7 +11,7 @@ import torch.distributed as dist
 from common.errors import ConfigError
 from parallel.config import ParallelConfig
 from pretrain.config import DataConfig, JobConfig, TrainerConfig, WandbConfig, validate_job
-from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.config import ModelConfig
 
 # Shapes as in the HF config.json of each model (NOTES.md table).
 QWEN2_0_5B = dict(num_layers=24, num_heads=14, num_kv_heads=2, num_experts=None)

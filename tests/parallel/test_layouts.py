@@ -3,7 +3,7 @@
 Each layout loads the weights of one tiny random Hugging Face model (``model.init_from``), runs 3 steps of
 ``build_train_module(...).train_batch`` on the same fixed global batch, and is compared with a single
 process running the same job: the loss, gradient norm and learning rate of every step, and every weight
-after the last step (exported to HF layout with ``hf_adapter.to_hf``, so shards of any layout compare
+after the last step (exported to HF layout with ``pretrain.models.hf.to_hf``, so shards of any layout compare
 against the same dict). Context-parallel layouts (cp) feed each rank 2 of 2 × cp chunks of every sequence
 and must match the same way. fp32 layouts must match within 1e-5; bf16 layouts are compared against a bf16
 single process with bf16 tolerances and checked for fp32 master weights and fp32 gradient reduction.
@@ -116,7 +116,7 @@ def _global_batch(vocab: int) -> list[dict[str, torch.Tensor]]:
 
 def _job(hf_dir: Path, layout: dict, precision: str, poison: bool, z_loss: float | None = None):
     from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig, WandbConfig
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, model_config_from_hf
+    from pretrain.models.hf import HFCheckpoint, model_config_from_hf
     from parallel.config import ParallelConfig
 
     model = model_config_from_hf(HFCheckpoint(hf_dir).config, name="tiny")
@@ -152,7 +152,7 @@ def _run_case(rank: int, world_size: int, name: str, hf_dir: Path) -> dict:
     from pretrain.build import build_train_module
     from pretrain.config import validate_job
     from pretrain.data import microbatches
-    from pretrain.models.qwen2.hf_adapter import Layout, local_state_dict
+    from pretrain.models.hf import Layout, local_state_dict
 
     kind, layout, precision, _ = _case(name)
     job = _job(hf_dir, layout, precision, poison=name.endswith("poison"), z_loss=Z_LOSS if kind == "moez" else None)
@@ -224,8 +224,8 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def _collect(hf_dirs: dict, names: list[str], world_size: int) -> dict:
     """Run ``names`` in one multi-rank job; per case: rank 0's step results and the whole model in HF names."""
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, model_config_from_hf
-    from pretrain.models.qwen2.hf_adapter import to_hf
+    from pretrain.models.hf import HFCheckpoint, model_config_from_hf
+    from pretrain.models.hf import to_hf
 
     names = [n for n in names if HAVE_DEEPSPEED or not _is_deepspeed(n)]
     ranks = run_distributed(run_cases, world_size, names, dict(hf_dirs), timeout=600)

@@ -20,7 +20,7 @@ HAVE_DEEPSPEED = have_deepspeed()
 
 
 def _model(kind: str, **overrides):
-    from pretrain.models.qwen2.config import ModelConfig
+    from pretrain.models.config import ModelConfig
 
     moe = dict(num_experts=4, moe_topk=2, moe_ffn_hidden_size=32, shared_expert_ffn_hidden_size=64)
     base = dict(name="t", hidden_size=64, ffn_hidden_size=160, num_layers=4, num_heads=4, num_kv_heads=2,

@@ -48,7 +48,7 @@ def test_table_and_bad_gpu():
 def test_prelaunch_check_names_largest_term_and_a_layout_that_fits():
     from parallel.config import ParallelConfig
     from pretrain.config import DataConfig, JobConfig, TrainerConfig
-    from pretrain.models.qwen2.config import ModelConfig
+    from pretrain.models.config import ModelConfig
     from pretrain.plan.check import check_before_launch
     from pretrain.plan.hardware import GPUS
 

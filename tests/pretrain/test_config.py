@@ -78,7 +78,7 @@ def test_missing_data_path_is_a_config_error(tmp_path):
 
 
 def test_every_preset_composes_and_matches_published_sizes():
-    from pretrain.models.qwen2.flops import param_count
+    from pretrain.models.decoder.flops import param_count
 
     published = {  # billions (total, active) from the Qwen2 / Qwen1.5-MoE model cards
         "qwen2_0_5b": (0.494, 0.494),

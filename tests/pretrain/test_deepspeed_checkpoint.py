@@ -132,8 +132,8 @@ def _trainer_view(rank: int, world_size: int, job, ckpt: str, run_dir: str) -> d
     from parallel.config import ParallelConfig
     from parallel.mesh import init_distributed
     from pretrain.data import Shards, build_datasets, microbatches
-    from pretrain.models.qwen2.convert import init_chunks_from
-    from pretrain.models.qwen2.model import build_model_chunks, padded_vocab_size, transformer_config
+    from pretrain.convert import init_chunks_from
+    from pretrain.models.decoder.model import build_model_chunks, padded_vocab_size, transformer_config
 
     init_distributed(ParallelConfig(), seed=0)
     shards = Shards.from_config(job.data)
@@ -160,7 +160,7 @@ def _mean_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
 def test_zero3_checkpoint_exports_to_hf_with_the_trainers_logits(zero3, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pretrain.models.qwen2.convert import main
+    from pretrain.convert import main
 
     ckpt = zero3["run_dir"] / "checkpoints" / "step_00000006"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0

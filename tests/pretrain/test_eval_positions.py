@@ -20,7 +20,7 @@ LAYOUTS = {"cp2": dict(cp=2), "tp2": dict(tp=2), "dp2": {}, "ds-zero2": dict(zer
 def _job(layout: dict, **trainer):
     from parallel.config import ParallelConfig
     from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig, WandbConfig
-    from pretrain.models.qwen2.config import ModelConfig
+    from pretrain.models.config import ModelConfig
 
     return JobConfig(
         model=ModelConfig(vocab_size=VOCAB, num_layers=2, max_seq_len=SEQ),

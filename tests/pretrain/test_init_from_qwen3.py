@@ -31,7 +31,7 @@ def _job(shards: Path, hf_dir: Path):
     from omegaconf import OmegaConf
 
     from pretrain.config import register_configs
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, model_config_from_hf
+    from pretrain.models.hf import HFCheckpoint, model_config_from_hf
 
     register_configs()
     overrides = [f"data.paths=[{shards}]", "trainer.wandb.mode=disabled", "trainer.log_every=1",

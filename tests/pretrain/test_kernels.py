@@ -40,7 +40,7 @@ CASES = {
 def _job(model: dict, trainer: dict, optim: dict):
     from parallel.config import ParallelConfig
     from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig, WandbConfig
-    from pretrain.models.qwen2.config import ModelConfig
+    from pretrain.models.config import ModelConfig
 
     return JobConfig(
         model=ModelConfig(**{"vocab_size": VOCAB, "num_layers": 2, **model}),
@@ -67,7 +67,7 @@ def _batches(n: int) -> list[list[dict[str, torch.Tensor]]]:
 
 
 def _gpt(module):
-    from pretrain.models.qwen2.hf_adapter import unwrap_chunk
+    from pretrain.models.hf import unwrap_chunk
 
     return unwrap_chunk(module.chunks[0])
 
@@ -174,7 +174,7 @@ def _chunked_unit() -> dict:
     one layer's output: values, gradients and the bytes each keeps for backward."""
     from megatron.core import tensor_parallel
 
-    from pretrain.models.qwen2.loss import chunked_linear_cross_entropy
+    from pretrain.models.decoder.loss import chunked_linear_cross_entropy
 
     g = torch.Generator().manual_seed(3)
     s, b, h, v = 96, 2, 32, 4096
@@ -301,7 +301,7 @@ def test_chunked_loss_keeps_no_logits(runs):
 
 
 def test_gmm_matches_a_loop():
-    from pretrain.models.qwen2.grouped_gemm import gmm, gmm_loop
+    from pretrain.models.decoder.grouped_gemm import gmm, gmm_loop
 
     g = torch.Generator().manual_seed(0)
     sizes = torch.tensor([5, 0, 9, 2])  # an expert with no tokens, too
@@ -335,7 +335,7 @@ def test_config_errors():
 
 def test_auto_resolves_per_device():
     from pretrain.config import TrainerConfig
-    from pretrain.models.qwen2.model import resolve_kernels
+    from pretrain.models.decoder.model import resolve_kernels
 
     # Grouped expert GEMMs are opt-in by default (HF export does not read their checkpoints yet); null = auto.
     assert resolve_kernels(TrainerConfig(precision="bf16"), on_cuda=True)["moe_grouped_gemm"] is False

@@ -217,7 +217,7 @@ def hf_models(sources, tmp_path_factory) -> dict[str, Path]:
 def _blend_job(sources, hf_dir: Path, *overrides: str):
     import dataclasses
 
-    from pretrain.models.qwen2.hf_adapter import HFCheckpoint, model_config_from_hf
+    from pretrain.models.hf import HFCheckpoint, model_config_from_hf
 
     job = _job([sources["web"], sources["books"]], *overrides, "data.weights=[0.4,0.6]")
     job.model = dataclasses.replace(model_config_from_hf(HFCheckpoint(hf_dir).config, name="tiny"),

@@ -17,7 +17,7 @@ import pytest
 from common.errors import ConfigError, DataError
 from pretrain import preflight
 from pretrain.config import DataConfig
-from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.config import ModelConfig
 from pretrain.testing import write_learnable_shards
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import pytest
 
 from common.errors import ConfigError
 from pretrain import preflight
-from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.config import ModelConfig
 from pretrain.models.rope_scaling import RopeScalingConfig
 from pretrain.testing import write_learnable_shards
 

@@ -48,7 +48,7 @@ TWO_RANKS = {
 def _job(layout: dict, trainer: dict, optim: dict, **data):
     from parallel.config import ParallelConfig
     from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig, WandbConfig
-    from pretrain.models.qwen2.config import ModelConfig
+    from pretrain.models.config import ModelConfig
 
     return JobConfig(
         model=ModelConfig(vocab_size=VOCAB, num_layers=2),

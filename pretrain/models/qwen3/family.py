@@ -1,7 +1,7 @@
-"""The Qwen3 family (Qwen3 dense, Qwen3-MoE): Qwen2's decoder with QK-norm, no QKV bias, its own head width,
+"""The Qwen3 family (Qwen3 dense, Qwen3-MoE): the shared decoder with QK-norm, no QKV bias, its own head width,
 normalised top-k and no shared expert -- all ModelConfig switches -- and its own Hugging Face configs."""
-from pretrain.models.qwen2 import flops, model
-from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.config import ModelConfig
+from pretrain.models.decoder import flops, model
 from pretrain.models.qwen3 import hf_config
 from pretrain.models.registry import ModelFamily
 
@@ -13,7 +13,7 @@ FAMILY = ModelFamily(
     config_to_hf=hf_config.hf_config_from_model,
     build_model_chunks=model.build_model_chunks,
     transformer_config=model.transformer_config,
-    state_dict_adapter="pretrain.models.qwen2.hf_adapter",  # same key names, plus q_norm/k_norm
+    state_dict_adapter="pretrain.models.qwen2.state_dict",  # Qwen2's key names, plus q_norm/k_norm
     param_count=flops.param_count,
     flops_per_token=flops.flops_per_token,
 )

@@ -1,21 +1,18 @@
 """Qwen3 / Qwen3-MoE configs between transformers (``Qwen3Config``, ``Qwen3MoeConfig``) and our ModelConfig.
 
-Qwen3 is the Qwen2 decoder with four switches set (see ``pretrain/models/qwen2/config.py``): no QKV bias
-(``attention_bias=false``), RMSNorm over each query and key head (``q_norm``/``k_norm``), a head width of its
-own (``head_dim``, 128 in every release), and for MoE no shared expert with renormalised top-k weights
-(``norm_topk_prob``). The weights use Qwen2's key names plus ``self_attn.{q,k}_norm.weight``, so the Qwen2
-state-dict adapter serves both families.
+Qwen3 is the shared decoder (``pretrain/models/decoder``) with four switches set (``pretrain/models/config.py``):
+no QKV bias (``attention_bias=false``), RMSNorm over each query and key head (``q_norm``/``k_norm``), a head
+width of its own (``head_dim``, 128 in every release), and for MoE no shared expert with renormalised top-k
+weights (``norm_topk_prob``). The weights use Qwen2's key names plus ``self_attn.{q,k}_norm.weight``, so the
+Qwen2 state-dict adapter serves both families. What every family shares is in ``pretrain/models/hf/configs.py``.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from pretrain.models import rope_scaling
-from pretrain.models.qwen2 import hf_adapter
-from pretrain.models.qwen2.config import ModelConfig
-from pretrain.models.qwen2.hf_adapter import ConversionError
+from pretrain.models.config import ModelConfig
+from pretrain.models.hf.checkpoint import ConversionError
+from pretrain.models.hf.configs import refuse_unsupported, shared_fields_from_hf, shared_fields_to_hf
 
 MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -25,14 +22,7 @@ def model_config_from_hf(hf_config, *, name: str | None = None) -> ModelConfig:
     model_type = hf_config.model_type
     if model_type not in MODEL_TYPES:
         raise ConversionError(f"expected a Qwen3 or Qwen3-MoE config, got model_type={model_type!r}")
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise ConversionError(f"hidden_act={hf_config.hidden_act!r} is not supported (Qwen3 uses silu)")
-    if getattr(hf_config, "use_sliding_window", False):
-        raise ConversionError("use_sliding_window=true is not supported (full causal attention only)")
-    if any(t != "full_attention" for t in getattr(hf_config, "layer_types", None) or []):
-        raise ConversionError("layer_types other than full_attention are not supported (no sliding-window layers)")
-    if getattr(hf_config, "attention_dropout", 0.0):
-        raise ConversionError("attention_dropout > 0 is not supported (megatron model trains without dropout)")
+    refuse_unsupported(hf_config, "Qwen3")
     moe = {}
     if model_type == "qwen3_moe":
         if hf_config.decoder_sparse_step != 1 or list(hf_config.mlp_only_layers or []):
@@ -46,28 +36,8 @@ def model_config_from_hf(hf_config, *, name: str | None = None) -> ModelConfig:
             moe_norm_topk=bool(hf_config.norm_topk_prob),
             moe_aux_loss_coeff=float(hf_config.router_aux_loss_coef),
         )
-    if name is None:
-        source = getattr(hf_config, "_name_or_path", "") or ""
-        name = Path(source).name if source else f"{model_type}_hf"
-    return ModelConfig(
-        name=name,
-        family="qwen3",
-        hidden_size=hf_config.hidden_size,
-        ffn_hidden_size=hf_config.intermediate_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        num_kv_heads=hf_config.num_key_value_heads,
-        kv_channels=hf_config.head_dim,
-        qkv_bias=bool(getattr(hf_config, "attention_bias", False)),
-        qk_norm=True,
-        vocab_size=hf_config.vocab_size,
-        max_seq_len=hf_config.max_position_embeddings,
-        **_rope_from_hf(hf_config),
-        norm_eps=float(hf_config.rms_norm_eps),
-        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        init_std=float(getattr(hf_config, "initializer_range", 0.02)),
-        **moe,
-    )
+    return ModelConfig(**shared_fields_from_hf(hf_config, name), family="qwen3", kv_channels=hf_config.head_dim,
+                       qkv_bias=bool(getattr(hf_config, "attention_bias", False)), qk_norm=True, **moe)
 
 
 def hf_config_from_model(model: ModelConfig, *, vocab_size: int | None = None, dtype: torch.dtype = torch.float32):
@@ -78,17 +48,7 @@ def hf_config_from_model(model: ModelConfig, *, vocab_size: int | None = None, d
         raise ConversionError("model.qk_norm=false cannot be written as Qwen3 (its attention always has q/k norms)")
     if model.shared_expert_ffn_hidden_size is not None:
         raise ConversionError("model.shared_expert_ffn_hidden_size is set: Qwen3-MoE has no shared expert")
-    vocab = vocab_size if vocab_size is not None else model.vocab_size
-    if vocab is None:
-        raise ConversionError("model.vocab_size is null: pass vocab_size (the embedding's row count)")
-    common = dict(
-        vocab_size=vocab, hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
-        num_key_value_heads=model.num_kv_heads, head_dim=model.head_dim, attention_bias=model.qkv_bias,
-        **_rope_to_hf(model), rms_norm_eps=model.norm_eps,
-        tie_word_embeddings=model.tie_embeddings, initializer_range=model.init_std, hidden_act="silu",
-        attention_dropout=0.0, use_sliding_window=False,
-    )
+    common = dict(shared_fields_to_hf(model, vocab_size), attention_bias=model.qkv_bias)
     if not model.is_moe:
         config = Qwen3Config(**common)
         config.architectures = ["Qwen3ForCausalLM"]
@@ -100,13 +60,3 @@ def hf_config_from_model(model: ModelConfig, *, vocab_size: int | None = None, d
         config.architectures = ["Qwen3MoeForCausalLM"]
     config.dtype = dtype
     return config
-
-
-def _rope_from_hf(hf_config) -> dict:
-    theta, scaling = hf_adapter._rope(hf_config)  # the Qwen2 adapter's reading: base and YaRN/dynamic scaling
-    return dict(rope_base=theta, rope_scaling=scaling)
-
-
-def _rope_to_hf(model: ModelConfig) -> dict:
-    return dict(rope_theta=float(model.rope_base), rope_scaling=rope_scaling.to_hf(model.rope_scaling),
-                max_position_embeddings=rope_scaling.hf_max_position_embeddings(model.rope_scaling, model.max_seq_len))

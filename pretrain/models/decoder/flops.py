@@ -1,4 +1,4 @@
-"""Parameter counts and training FLOPs per token of a Qwen2 shape (for MFU and for checking presets).
+"""Parameter counts and training FLOPs per token of a Qwen decoder shape (any family) (for MFU and for checking presets).
 
 FLOPs: 6 FLOPs per token per active matmul weight (forward 2, backward 4, output layer included, embedding
 lookup excluded) plus attention scores and values. Two conventions for the attention term, reported side by
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.models.qwen2.config import ModelConfig
+from pretrain.models.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     return loss.view(b, s)
 
 
-class Qwen2GPTModel(GPTModel):
+class DecoderGPTModel(GPTModel):
     """megatron-core's ``GPTModel`` whose loss can skip the full logits (``cross_entropy_chunk`` tokens > 0).
 
     Only the training/eval loss path (labels given, no multi-token prediction, no inference context, no

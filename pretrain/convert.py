@@ -1,12 +1,12 @@
-"""Convert Qwen2 / Qwen2-MoE checkpoints between Hugging Face and this trainer.
+"""Convert checkpoints of any model family (Qwen2/2.5, Qwen3, dense and MoE) between Hugging Face and this trainer.
 
     # HF dir (config.json + safetensors) -> model-only megatron ``torch_dist`` checkpoint (any layout
     # can load it; run under torchrun, or bare: it starts pp * lcm(tp, ep * etp) local processes)
-    python -m pretrain.models.qwen2.convert import --hf Qwen2-0.5B/ --out ckpt/qwen2_0_5b [--tp 2 --pp 2 --ep 1]
+    python -m pretrain.convert import --hf Qwen2-0.5B/ --out ckpt/qwen2_0_5b [--tp 2 --pp 2 --ep 1]
 
     # trainer checkpoint (``runs/<name>/checkpoints``, a ``step_XXXXXXXX`` dir, or an import dir)
     # -> HF dir that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
-    python -m pretrain.models.qwen2.convert export --checkpoint runs/x/checkpoints --out hf_out/ [--model qwen2_tiny]
+    python -m pretrain.convert export --checkpoint runs/x/checkpoints --out hf_out/ [--model qwen2_tiny]
 
 Export needs no process group: it reads the (layout-independent) ``torch_dist`` tensors directly with
 ``torch.distributed.checkpoint`` and holds the full model in host memory once. A DeepSpeed (parallel.zero
@@ -35,8 +35,8 @@ import torch
 from common.cli import BAD_INPUT, exit_bad_input, one_line
 from common.errors import ConfigError
 from pretrain.checkpoint import saved_deepspeed_layout
-from pretrain.models.qwen2.config import ModelConfig
-from pretrain.models.qwen2.hf_adapter import (
+from pretrain.models.config import ModelConfig
+from pretrain.models.hf import (
     ConversionError,
     HFCheckpoint,
     Layout,
@@ -52,7 +52,7 @@ from pretrain.models.qwen2.hf_adapter import (
 log = logging.getLogger(__name__)
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
-_CONF_DIR = Path(__file__).resolve().parents[3] / "conf" / "model"
+_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 # Shape fields an HF checkpoint must agree on with the model it initialises.
 _SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "tie_embeddings", "num_experts",
                  "moe_topk", "moe_ffn_hidden_size", "shared_expert_ffn_hidden_size", "rope_base", "norm_eps")
@@ -303,7 +303,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int =
               etp: int | None = None, vocab_size: int | None = None, seed: int = 0) -> Path:
     """Convert an HF checkpoint dir into a model-only ``torch_dist`` checkpoint (run on every rank)."""
     from parallel.mesh import destroy_distributed, init_distributed
-    from pretrain.models.qwen2.model import build_model_chunks, transformer_config
+    from pretrain.models.decoder.model import build_model_chunks, transformer_config
 
     hf, model, hf_vocab, parallel = plan_import(hf_dir, out_dir, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp,
                                                 vocab_size=vocab_size, world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -334,7 +334,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m pretrain.models.qwen2.convert", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m pretrain.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF dir -> model-only megatron torch_dist checkpoint")
     imp.add_argument("--hf", required=True, help="Hugging Face checkpoint dir (config.json + *.safetensors)")
@@ -361,7 +361,7 @@ def _import_nproc(args: argparse.Namespace) -> int:
 def _relaunch_under_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     nproc = _import_nproc(args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pretrain.models.qwen2.convert", *argv]
+           "-m", "pretrain.convert", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log.info("starting %d local processes: %s", nproc, " ".join(cmd))
     return subprocess.run(cmd, env=env).returncode

@@ -52,7 +52,7 @@ class ModelConfig:
     """Standard deviation of the normal weight init (HF ``initializer_range``)."""
     init_from: str | None = None
     """Start from these weights: a Hugging Face dir (config.json + safetensors) or a torch_dist checkpoint
-    (from ``python -m pretrain.models.qwen2.convert import``, or another run's: only its model part is read).
+    (from ``python -m pretrain.convert import``, or another run's: only its model part is read).
     Ignored when the run resumes from its own checkpoint."""
     attention_backend: str = "auto"
     """Core attention: 'sdpa' (torch SDPA: FlashAttention/cuDNN kernels on GPU, flash-attn package if installed),
@@ -83,7 +83,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-        check_choice("model.family", self.family, ("qwen2", "qwen3"))
+        from pretrain.models import registry
+
+        check_choice("model.family", self.family, registry.names())
         if self.kv_channels is not None and (not isinstance(self.kv_channels, int) or self.kv_channels < 1):
             raise ConfigError(f"model.kv_channels must be a positive integer or null, got {self.kv_channels!r}")
         if self.kv_channels is None and self.hidden_size % self.num_heads:

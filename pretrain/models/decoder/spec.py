@@ -1,4 +1,4 @@
-"""megatron-core module specs for Qwen2: which class implements each part of a layer."""
+"""megatron-core module specs for the Qwen decoder (every family; its switches pick the variant): which class implements each part of a layer."""
 from __future__ import annotations
 
 from megatron.core.models.backends import LocalSpecProvider
@@ -14,8 +14,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from pretrain.models.qwen2.config import ModelConfig
-from pretrain.models.qwen2.layers import RMSNorm, SDPAttention
+from pretrain.models.config import ModelConfig
+from pretrain.models.decoder.layers import RMSNorm, SDPAttention
 
 
 def layer_spec(model: ModelConfig, *, grouped_experts: bool = False) -> ModuleSpec:
@@ -25,7 +25,7 @@ def layer_spec(model: ModelConfig, *, grouped_experts: bool = False) -> ModuleSp
     core_attention = DotProductAttention if model.attention_backend == "local" else SDPAttention
     if model.is_moe:
         if grouped_experts:
-            from pretrain.models.qwen2 import grouped_gemm
+            from pretrain.models.decoder import grouped_gemm
 
             grouped_gemm.install()
         # The local backend's grouped module is the "legacy" GroupedMLP (TEGroupedMLP needs TransformerEngine).

@@ -1,4 +1,4 @@
-"""Build Qwen2 as megatron-core ``GPTModel`` chunks: the one translation from our config to megatron's."""
+"""Build the shared Qwen decoder (any family) as megatron-core ``GPTModel`` chunks: the one translation from our config to megatron's."""
 from __future__ import annotations
 
 import torch
@@ -9,9 +9,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from common.errors import ConfigError
 from pretrain.models import rope_embedding
-from pretrain.models.qwen2.config import ModelConfig
-from pretrain.models.qwen2.loss import Qwen2GPTModel
-from pretrain.models.qwen2.spec import block_spec
+from pretrain.models.config import ModelConfig
+from pretrain.models.decoder.loss import DecoderGPTModel
+from pretrain.models.decoder.spec import block_spec
 
 
 def padded_vocab_size(model: ModelConfig, tokenizer_vocab: int | None, tp: int) -> int:
@@ -50,7 +50,7 @@ def transformer_config(
     moe_grouped_gemm: bool = False,
     on_cuda: bool = torch.cuda.is_available(),
 ) -> TransformerConfig:
-    """Map a Qwen2 shape, a parallel layout, activation recompute (``trainer.recompute*``) and the kernel knobs
+    """Map a model shape, a parallel layout, activation recompute (``trainer.recompute*``) and the kernel knobs
     (resolved by :func:`resolve_kernels`) onto megatron-core's ``TransformerConfig``."""
     moe = {}
     if model.is_moe:
@@ -171,7 +171,7 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
-        chunk = Qwen2GPTModel(
+        chunk = DecoderGPTModel(
             cross_entropy_chunk=cross_entropy_chunk,
             config=config,
             transformer_layer_spec=block_spec(model, config, vp_stage if vpp > 1 else None),

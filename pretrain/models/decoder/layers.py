@@ -1,4 +1,4 @@
-"""The two modules megatron-core's local spec lacks for Qwen2: an RMSNorm that works with sequence
+"""The two modules megatron-core's local spec lacks for the Qwen decoder: an RMSNorm that works with sequence
 parallelism, and a core attention on fused kernels (torch SDPA, or flash-attn where installed) that also
 does context parallelism (megatron-core's own needs TransformerEngine)."""
 from __future__ import annotations
