@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="Pretraining stack for the Qwen2 dense and MoE family on megatron-core and datatrove",
     python_requires=">=3.10",
-    packages=find_packages(include=["common*", "conf*", "data_pipeline*", "parallel*", "pretrain*"]),
+    # benchmarks: the scripts share benchmarks.harness (no sys.path edits).
+    packages=find_packages(include=["benchmarks", "common*", "conf*", "data_pipeline*", "parallel*", "pretrain*"]),
     include_package_data=True,
     package_data={"data_pipeline": ["corpus/*"], "conf": ["*.yaml", "*/*.yaml"]},
     install_requires=[
