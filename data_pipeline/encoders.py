@@ -29,6 +29,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from data_pipeline.qwen_vocab import _bytes_to_unicode, load_ranks
+from data_pipeline.tokenizer import QWEN2_PATTERN
+
 BPE_QWEN_VERSION = "0.1.5"
 """The bpe-qwen release whose pre-tokenizer :func:`bpe_qwen_safe` was derived from and tested against."""
 
@@ -220,9 +223,6 @@ def documents_per_engine(encoder) -> dict[str, int]:
 def _tiktoken_encoding(path: str, _mtime_ns: int):
     import tiktoken
 
-    from data_pipeline.qwen_vocab import load_ranks
-    from data_pipeline.tokenizer import QWEN2_PATTERN
-
     return tiktoken.Encoding("qwen2", pat_str=QWEN2_PATTERN, mergeable_ranks=load_ranks(path), special_tokens={})
 
 
@@ -287,8 +287,6 @@ def write_bpe_qwen_files(tiktoken_path: str, folder: Path) -> Path:
     one line per multi-byte token, in rank order, is enough (and loads ~30% faster than all the splits). It
     finds no control token in this vocabulary: control-token strings stay plain text, as the stage wants.
     """
-    from data_pipeline.qwen_vocab import _bytes_to_unicode, load_ranks
-
     folder = Path(folder)
     if (folder / "merges.txt").exists():
         return folder

@@ -1,37 +1,23 @@
 """The last stage: per-stage counts (stats.json) and the contract with the trainer (manifest.json).
 
-manifest.json (paths relative to its directory)::
-
-    {"tokenizer": "tokenizer.json", "vocab_size": int, "eod_id": int, "dtype": "int32" | "uint16",
-     "shards": [{"prefix": "shards/00000_tokens", "documents": int, "tokens": int}],
-     "tokenizer_sha256": str, "source": "<input paths, comma-separated>",
-     "sources": [input paths], "documents": int, "tokens": int, "special_tokens": {token: id},
-     "shuffled": bool, "shuffle_seed": int | null, ...}
-
-``shuffled``: each shard holds its task's documents in the order
-``data_pipeline.tokenizer.shard_order(documents, shuffle_seed, rank)`` of the task's input (else input order).
-
-It is written last, through a temporary file and a rename: a manifest on disk always points at complete
-shards.
+manifest.json is a :class:`common.shards.Manifest` (its fields, types and version are defined there, where
+the trainer reads it); this stage fills it from the shards' .idx headers and the tokenizer. It is written
+last, through a temporary file and a rename: a manifest on disk always points at complete shards.
 """
 from __future__ import annotations
 
 import json
-import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.stats import PipelineStats
 from datatrove.utils.typeshelper import StatHints
 from tokenizers import Tokenizer
 
-from data_pipeline.tokenizer import _IDX_HEADER as _IDX_MAGIC, sha256_of
-
-_IDX_DTYPES = {4: "int32", 8: "uint16"}  # megatron-core's DType codes
+from common.shards import MANIFEST_NAME, Manifest, ShardEntry, atomic_write_json, read_index, token_dtype
+from data_pipeline.tokenizer import sha256_of
 
 
 @dataclass
@@ -99,60 +85,41 @@ def collect_counts(accounted: list[Accounted]) -> list[StageCounts]:
     return list(out.values())
 
 
-def read_idx(idx_path: Path) -> tuple[str, int, int]:
-    """(dtype, documents, tokens) from a Megatron .idx header and its sequence lengths."""
-    with open(idx_path, "rb") as f:
-        if f.read(9) != _IDX_MAGIC:
-            raise ValueError(f"{idx_path} is not a Megatron .idx file")
-        struct.unpack("<Q", f.read(8))  # version
-        (code,) = struct.unpack("<B", f.read(1))
-        (sequences,) = struct.unpack("<Q", f.read(8))
-        struct.unpack("<Q", f.read(8))  # document_indices length
-        lengths = np.fromfile(f, dtype=np.int32, count=sequences)
-    return _IDX_DTYPES[code], int(sequences), int(lengths.sum(dtype=np.int64))
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def build_manifest(out_dir: Path, *, shard_prefixes: list[str], eos_token: str, source: list[str],
-                   stages: list[StageCounts], shuffle_seed: int | None = None) -> tuple[dict, dict]:
+                   stages: list[StageCounts], shuffle_seed: int | None = None) -> tuple[Manifest, dict]:
     tok_path = out_dir / "tokenizer.json"
     tok = Tokenizer.from_file(str(tok_path))
     shards, dtypes = [], set()
     for prefix in shard_prefixes:
-        dtype, documents, tokens = read_idx(out_dir / f"{prefix}.idx")
-        dtypes.add(dtype)
-        if documents:  # a task that kept nothing writes an empty shard: not worth a dataset
-            shards.append({"prefix": prefix, "documents": documents, "tokens": tokens})
+        index = read_index(out_dir / prefix)
+        dtypes.add(index.dtype.name)
+        if index.documents:  # a task that kept nothing writes an empty shard: not worth a dataset
+            shards.append(ShardEntry(prefix, index.documents, index.tokens))
     if len(dtypes) > 1:
         raise RuntimeError(f"shards in {out_dir} disagree on dtype: {sorted(dtypes)}")
-    documents = sum(s["documents"] for s in shards)
-    tokens = sum(s["tokens"] for s in shards)
+    documents = sum(s.documents for s in shards)
+    tokens = sum(s.tokens for s in shards)
     if stages and documents != stages[-1].kept:
         raise RuntimeError(f"the shards hold {documents} documents but the {stages[-1].stage!r} stage kept "
                            f"{stages[-1].kept}: a stage's output is incomplete")
     stages = [*stages, StageCounts("tokenize", read=documents, kept=documents)]
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    manifest = {
-        "tokenizer": "tokenizer.json",
-        "vocab_size": vocab_size,
-        "eod_id": tok.token_to_id(eos_token),
-        "dtype": dtypes.pop() if dtypes else ("int32" if vocab_size > 65536 else "uint16"),
-        "shards": shards,
-        "tokenizer_sha256": sha256_of(tok_path),
-        "source": ", ".join(source),
-        "sources": list(source),
-        "documents": documents,
-        "tokens": tokens,
-        "special_tokens": {t.content: i for i, t in sorted(tok.get_added_tokens_decoder().items()) if t.special},
-        "stats": "stats.json",
-        "shuffled": shuffle_seed is not None,
-        "shuffle_seed": shuffle_seed,
-    }
+    manifest = Manifest(
+        tokenizer="tokenizer.json",
+        vocab_size=vocab_size,
+        eod_id=tok.token_to_id(eos_token),
+        dtype=dtypes.pop() if dtypes else token_dtype(vocab_size).name,
+        shards=shards,
+        tokenizer_sha256=sha256_of(tok_path),
+        source=", ".join(source),
+        sources=list(source),
+        documents=documents,
+        tokens=tokens,
+        special_tokens={t.content: i for i, t in sorted(tok.get_added_tokens_decoder().items()) if t.special},
+        stats="stats.json",
+        shuffled=shuffle_seed is not None,
+        shuffle_seed=shuffle_seed,
+    )
     stats = {"stages": [asdict(s) for s in stages], "documents": documents, "tokens": tokens,
              "vocab_size": vocab_size}
     return manifest, stats
@@ -180,10 +147,10 @@ class WriteManifest(PipelineStep):
         manifest, stats = build_manifest(out, shard_prefixes=self.shard_prefixes, eos_token=self.eos_token,
                                          source=self.source, stages=stages, shuffle_seed=self.shuffle_seed)
         atomic_write_json(out / "stats.json", stats)
-        if not manifest["shards"]:
+        if not manifest.shards:
             raise RuntimeError(f"no document survived the filters and deduplication: nothing to train on "
                                f"(per-stage counts in {out / 'stats.json'}); no manifest written")
-        atomic_write_json(out / "manifest.json", manifest)
-        self.stat_update("shards", value=len(manifest["shards"]), unit="task")
+        manifest.write(out / MANIFEST_NAME)
+        self.stat_update("shards", value=len(manifest.shards), unit="task")
         return
         yield

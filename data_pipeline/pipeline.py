@@ -36,13 +36,15 @@ from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import HashConfig
 
 from common.errors import ConfigError, DataError
+from common.shards import MANIFEST_NAME, Manifest
 from data_pipeline.config import DataPipelineConfig
 from data_pipeline.filters import build_filters, word_tokenizer
 from data_pipeline.manifest import Accounted, StageCounts, WriteManifest, collect_counts
 from data_pipeline.preflight import check_output_dir
 from data_pipeline.readers import (Source, StageOutputReader, build_readers, check_inputs, check_text_column,
                                    first_record_fields, resolve_sources)
-from data_pipeline.tokenizer import ShardWriter, TrainBpeTokenizer, shard_prefix
+from data_pipeline.shard_writer import ShardWriter, shard_prefix
+from data_pipeline.tokenizer import TrainBpeTokenizer
 
 log = logging.getLogger("data_pipeline")
 
@@ -97,7 +99,7 @@ class Layout:
 
     @property
     def manifest(self) -> Path:
-        return self.root / "manifest.json"
+        return self.root / MANIFEST_NAME
 
     @property
     def stats(self) -> Path:
@@ -347,7 +349,7 @@ class Summary:
 
     output_dir: Path
     stages: list[StageCounts]
-    manifest: dict | None
+    manifest: Manifest | None
     slurm_jobs: list[str] = field(default_factory=list)
     """Slurm job ids, one per stage that had work left (executor.kind='slurm'); the last writes the manifest."""
 
@@ -356,7 +358,7 @@ class Summary:
         layout = Layout(output_dir)
         stats = json.loads(layout.stats.read_text())
         stages = [StageCounts(**s) for s in stats["stages"]]
-        return cls(layout.root, stages, json.loads(layout.manifest.read_text()))
+        return cls(layout.root, stages, Manifest.read(layout.manifest))
 
     def table(self) -> str:
         if self.manifest is None:
@@ -371,8 +373,8 @@ class Summary:
                  for r in rows]
         lines.insert(1, "-" * max(len(line) for line in lines))
         m = self.manifest
-        lines.append(f"\n{m['documents']} documents, {m['tokens']} tokens in {len(m['shards'])} shard(s) ({m['dtype']}); "
-                     f"vocab {m['vocab_size']}, eod_id {m['eod_id']}")
+        lines.append(f"\n{m.documents} documents, {m.tokens} tokens in {len(m.shards)} shard(s) ({m.dtype}); "
+                     f"vocab {m.vocab_size}, eod_id {m.eod_id}")
         lines.append(f"manifest: {self.output_dir / 'manifest.json'}")
         return "\n".join(lines)
 

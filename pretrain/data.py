@@ -1,7 +1,7 @@
 """Token shards from the data pipeline -> megatron-core GPTDatasets -> this rank's microbatches.
 
 The contract with ``data_pipeline`` is the ``manifest.json`` it writes next to the ``.bin``/``.idx``
-shards (tokenizer, vocabulary size, end-of-document id, shard prefixes).
+shards (tokenizer, vocabulary size, end-of-document id, shard prefixes): :class:`common.shards.Manifest`.
 
 Real outputs have many shards (one per data-stage task) and blends have sources of very different
 sizes. megatron-core splits every shard into train/validation/test by documents (``data.split``) and
@@ -13,7 +13,6 @@ and only when no source has any is validation a ``ConfigError``. Nothing here ca
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
 from common.errors import ConfigError
+from common.shards import MANIFEST_NAME, Manifest
 from pretrain.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -54,36 +54,33 @@ class Shards:
 
     @classmethod
     def from_config(cls, data: DataConfig) -> "Shards":
+        """ConfigError for a path without a manifest; DataError naming a manifest that cannot be read."""
         prefixes, path_of = [], []
         first = None
         for i, path in enumerate(data.paths):
-            manifest_path = Path(path) / "manifest.json"
+            manifest_path = Path(path) / MANIFEST_NAME
             if not manifest_path.is_file():
                 raise ConfigError(
                     f"data.paths[{i}]={path!r} has no manifest.json: run `python -m data_pipeline` to write "
                     "token shards there, or point data.paths at a directory that has them"
                 )
-            try:
-                manifest = json.loads(manifest_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"data.paths[{i}]={path!r}: manifest.json is not valid JSON ({exc})") from None
+            manifest = Manifest.read(manifest_path)
             if first is None:
                 first = manifest
-            elif manifest.get("tokenizer_sha256") != first.get("tokenizer_sha256"):
+            elif manifest.tokenizer_sha256 != first.tokenizer_sha256:
                 raise ConfigError(f"data.paths[{i}]={path!r} was tokenized with a different tokenizer than data.paths[0]")
-            shards = manifest.get("shards")
-            if not shards:
+            if not manifest.shards:
                 raise ConfigError(f"data.paths[{i}]={path!r}: its manifest lists no shards")
-            for shard in shards:
-                prefixes.append(str(Path(path) / shard["prefix"]))
+            for prefix in manifest.shard_prefixes(path):
+                prefixes.append(str(prefix))
                 path_of.append(i)
         return cls(
             prefixes=prefixes,
             path_of=path_of,
             path_weights=list(data.weights) if data.weights is not None else None,
-            vocab_size=int(first["vocab_size"]),
-            eod_id=int(first["eod_id"]),
-            tokenizer_path=str(Path(data.paths[0]) / first["tokenizer"]),
+            vocab_size=first.vocab_size,
+            eod_id=first.eod_id,
+            tokenizer_path=str(Path(data.paths[0]) / first.tokenizer),
         )
 
 

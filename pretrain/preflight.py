@@ -3,7 +3,7 @@ process) and again in each rank before ``init_distributed``, so bad input is one
 
 * token shards (``data error``): every shard its manifest lists exists, its ``.idx`` header is megatron's
   (magic, version, dtype) and agrees with the manifest (documents, tokens, dtype), its ``.bin`` holds
-  exactly those tokens, and no id reaches the manifest's ``vocab_size``;
+  exactly those tokens (:func:`common.shards.check_output`), and no id reaches the manifest's ``vocab_size``;
 * the vocabulary (``config error``): ``model.vocab_size`` against the tokenizer and ``parallel.tp``;
 * ``model.init_from`` (``config error``): the folder exists, is readable (a truncated safetensors or
   ``.distcp`` file is found from its header/metadata), has this model's shape and enough vocabulary rows;
@@ -12,75 +12,23 @@ process) and again in each rank before ``init_distributed``, so bad input is one
 """
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
-import numpy as np
-
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError
+from common.shards import check_output
 from pretrain.config import DataConfig, JobConfig
 from pretrain.models import rope_scaling
 from pretrain.models.config import ModelConfig
-
-_IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core indexed_dataset._INDEX_HEADER, version 1
-_IDX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents + 1: 34 bytes
-_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-               8: np.uint16}  # megatron-core indexed_dataset.DType codes
 
 
 # --------------------------------------------------------------------------------------------------
 # Token shards
 # --------------------------------------------------------------------------------------------------
 def check_shards(data: DataConfig) -> None:
-    """Every shard of every ``data.paths`` manifest, as :func:`check_shard` (manifests exist: call it after
-    ``Shards.from_config``, which names a missing one)."""
+    """Every shard of every ``data.paths`` output, as :func:`common.shards.check_output`: the .idx headers
+    and sizes against the manifest, and the largest token id against its ``vocab_size``."""
     for path in data.paths:
-        manifest = json.loads((Path(path) / "manifest.json").read_text())
-        for shard in manifest["shards"]:
-            check_shard(Path(path) / shard["prefix"], documents=shard.get("documents"), tokens=shard.get("tokens"),
-                        dtype=manifest.get("dtype"), vocab_size=int(manifest["vocab_size"]))
-
-
-def check_shard(prefix: Path, *, documents: int | None, tokens: int | None, dtype: str | None,
-                vocab_size: int) -> None:
-    """Raise DataError naming the file unless ``prefix``.idx/.bin are a complete megatron shard whose ids
-    are all below ``vocab_size``. ``documents``/``tokens``/``dtype``: what the manifest says (None: unknown)."""
-    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
-    for f in (idx, bin_):
-        if not f.is_file():
-            raise DataError(f"{f} is missing (listed in {prefix.parent / 'manifest.json'})")
-    with idx.open("rb") as stream:
-        head = stream.read(_IDX_HEADER.size)
-    if len(head) < _IDX_HEADER.size or head[:9] != _IDX_MAGIC:
-        raise DataError(f"{idx} is not a megatron .idx file (its header does not start with {_IDX_MAGIC!r})")
-    _, version, code, sequences, doc_indices = _IDX_HEADER.unpack(head)
-    if version != 1 or code not in _IDX_DTYPES:
-        raise DataError(f"{idx}: corrupt header (version {version}, dtype code {code}; megatron writes version 1, "
-                        f"dtype codes 1-8)")
-    token_dtype = np.dtype(_IDX_DTYPES[code])
-    if dtype is not None and token_dtype != np.dtype(dtype):
-        raise DataError(f"{idx} stores {token_dtype} tokens but its manifest says dtype={dtype}")
-    if documents is not None and (sequences != documents or doc_indices != documents + 1):
-        raise DataError(f"{idx}: header counts {sequences} documents but its manifest says {documents} (corrupt header?)")
-    # The index: sequence lengths (int32), pointers (int64), document indices (int64), nothing after.
-    expected = _IDX_HEADER.size + 12 * sequences + 8 * doc_indices
-    if idx.stat().st_size != expected:
-        raise DataError(f"{idx} has {idx.stat().st_size} bytes, its header promises {expected} (truncated or corrupt)")
-    lengths = np.fromfile(idx, dtype=np.int32, count=sequences, offset=_IDX_HEADER.size)
-    in_index = int(lengths.sum(dtype=np.int64))
-    if tokens is not None and in_index != tokens:
-        raise DataError(f"{idx} indexes {in_index} tokens but its manifest says {tokens}")
-    if bin_.stat().st_size != in_index * token_dtype.itemsize:
-        raise DataError(f"{bin_} has {bin_.stat().st_size} bytes, expected {in_index * token_dtype.itemsize} "
-                        f"({in_index} {token_dtype} tokens): truncated or from another run of the data pipeline")
-    if in_index:
-        # Reads every token once (a memory map, ~1 GB/s here: a 1 GB shard costs about a second per process
-        # that checks it); the cheapest way to find an id the embedding has no row for before step 1.
-        largest = int(np.memmap(bin_, dtype=token_dtype, mode="r").max())
-        if largest >= vocab_size:
-            raise DataError(f"{bin_} holds token id {largest}, but its manifest says vocab_size={vocab_size} "
-                            "(shards and manifest come from different tokenizers?)")
+        check_output(path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from common.shards import Manifest, ShardEntry
+
 
 def write_learnable_shards(out_dir: Path, *, vocab_size: int = 256, documents: int = 64, doc_len: int = 200,
                            seed: int = 0) -> Path:
@@ -30,16 +32,9 @@ def write_learnable_shards(out_dir: Path, *, vocab_size: int = 256, documents: i
         builder.add_document(np.append(doc, eod).astype(np.int32), [doc_len + 1])
         total += doc_len + 1
     builder.finalize(f"{prefix}.idx")
-    manifest = {
-        "tokenizer": "tokenizer.json",
-        "tokenizer_sha256": hashlib.sha256(f"synthetic-{vocab_size}".encode()).hexdigest(),
-        "vocab_size": vocab_size,
-        "eod_id": eod,
-        "dtype": "int32",
-        "shards": [{"prefix": prefix.name, "documents": documents, "tokens": total}],
-        "source": "pretrain.testing.write_learnable_shards",
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    Manifest(tokenizer_sha256=hashlib.sha256(f"synthetic-{vocab_size}".encode()).hexdigest(), vocab_size=vocab_size,
+             eod_id=eod, dtype="int32", shards=[ShardEntry(prefix.name, documents, total)], documents=documents,
+             tokens=total, source="pretrain.testing.write_learnable_shards").write(out_dir)
     return out_dir
 
 

@@ -67,7 +67,7 @@ def test_non_utf8_lines_are_counted_and_the_rest_of_the_task_kept(tmp_path):
     assert (read.read, read.kept, read.dropped) == (len(ids) + 3, len(ids), {"bad_encoding": 3})
     kept = read_jsonl_gz(tmp_path / "out" / "work" / "kept" / "00000.jsonl.gz")
     assert sorted(d["id"] for d in kept) == sorted(ids)  # every good record of both files, nothing else
-    assert summary.manifest["documents"] == len(ids)
+    assert summary.manifest.documents == len(ids)
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     for stage in stats["stages"]:
         assert stage["read"] == stage["kept"] + sum(stage["dropped"].values()), stage
@@ -88,7 +88,7 @@ def test_auto_format_reads_a_folder_of_parquet_and_jsonl(tmp_path):
     pq.write_table(pa.table({"text": texts[4:7], "id": [f"q{i}" for i in range(3)]}),
                    tmp_path / "in" / "sub" / "b.parquet")
     summary = run_pipeline(fast_config([tmp_path / "in"], tmp_path / "out"))
-    assert summary.manifest["documents"] == 7
+    assert summary.manifest.documents == 7
     kept = read_jsonl_gz(tmp_path / "out" / "work" / "kept" / "00000.jsonl.gz")
     assert sorted(d["text"] for d in kept) == sorted(texts[:7])
 
@@ -97,7 +97,7 @@ def test_auto_format_reads_a_folder_of_parquet_and_jsonl(tmp_path):
                                                      for i, t in enumerate(texts[7:])))
     summary = run_pipeline(fast_config([tmp_path / "in"], tmp_path / "out2"))
     assert {s.stage: s for s in summary.stages}["read"].read == 9
-    assert summary.manifest["documents"] == 9
+    assert summary.manifest.documents == 9
 
 
 def test_folder_without_input_files_says_what_was_looked_for(tmp_path):

@@ -49,7 +49,7 @@ def test_given_tokenizer_file_is_checked_and_used(tmp_path):
                        filters=no_rule_filters(), dedup=DedupConfig(minhash=MinhashConfig(enabled=False)))
     summary = run_pipeline(cfg)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == given.read_bytes()
-    assert summary.manifest["eod_id"] == Tokenizer.from_file(str(given)).token_to_id("<|endoftext|>")
+    assert summary.manifest.eod_id == Tokenizer.from_file(str(given)).token_to_id("<|endoftext|>")
     assert [s.stage for s in summary.stages][-1] == "tokenize"
     assert not (tmp_path / "out" / "logs" / "train_tokenizer").exists()
 

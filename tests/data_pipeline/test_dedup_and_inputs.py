@@ -33,7 +33,7 @@ def test_minhash_removes_planted_near_duplicates_only(tmp_path):
         assert (f"near-{i}" in kept) != (f"good-{(i * 7) % good}" in kept)
     assert {f"good-{k}" for k in range(good) if k not in partners} <= kept
     assert {"short", "repetitive", "lorem"} <= kept  # filters off here
-    assert summary.manifest["documents"] == info["records"] - near
+    assert summary.manifest.documents == info["records"] - near
 
 
 def test_parquet_input_with_custom_field_names(tmp_path):
@@ -51,7 +51,7 @@ def test_parquet_input_with_custom_field_names(tmp_path):
     stage = {s.stage: s for s in summary.stages}
     assert (stage["read"].read, stage["read"].kept, stage["read"].dropped) == (15, 13, {"missing_text": 2})
     assert stage["exact_dedup"].dropped == {"duplicate": 1}
-    assert summary.manifest["documents"] == 12
+    assert summary.manifest.documents == 12
     kept = read_jsonl_gz(tmp_path / "out" / "work" / "kept" / "00000.jsonl.gz")
     assert sorted(d["text"] for d in kept) == sorted(texts)
     assert {d["id"] for d in kept} <= {f"p{i}" for i in range(13)}

@@ -135,7 +135,7 @@ def test_backend_choice_and_availability(monkeypatch):
 def _tokenize_stage(qwen, kept: Path, out: Path, backend: str) -> tuple[bytes, bytes, dict]:
     """The pipeline's tokenize stage (reader + ShardWriter, one task, in this process)."""
     from data_pipeline.readers import StageOutputReader
-    from data_pipeline.tokenizer import ShardWriter
+    from data_pipeline.shard_writer import ShardWriter
 
     writer = ShardWriter(str(out), qwen["tokenizer"], eos_token="<|endoftext|>", parse_special_tokens=False,
                          backend=backend, source="qwen2", special_tokens=SPECIAL_TOKENS,

@@ -10,7 +10,8 @@ from tokenizers import Tokenizer
 from common.errors import ConfigError
 from data_pipeline import run_pipeline
 from data_pipeline.testing import read_jsonl_gz, small_config
-from data_pipeline.tokenizer import load_for_encoding, shard_order
+from common.shards import shard_order
+from data_pipeline.tokenizer import load_for_encoding
 
 SPECIAL_TEXT = "A literal <|endoftext|> marker sits in this sentence and must not end the document."
 VOCAB = 1000  # as in conftest.pipeline_run
@@ -183,10 +184,10 @@ def test_overwrite_replaces_an_output_made_with_other_settings(tmp_path):
     write_corpus(tmp_path / "in.jsonl", good=10, exact_dups=2)
     first = small_config([tmp_path / "in.jsonl"], tmp_path / "out", vocab_size=400, filters=no_rule_filters(),
                          dedup=DedupConfig(exact=False, minhash=MinhashConfig(enabled=False)))
-    assert run_pipeline(first).manifest["documents"] == 15  # 10 + 2 copies + 3 planted
+    assert run_pipeline(first).manifest.documents == 15  # 10 + 2 copies + 3 planted
     (tmp_path / "out" / "hydra").mkdir()
     second = replace(first, dedup=DedupConfig(exact=True, minhash=MinhashConfig(enabled=False)), overwrite=True)
     summary = run_pipeline(second)
-    assert summary.manifest["documents"] == 13
+    assert summary.manifest.documents == 13
     assert [s.stage for s in summary.stages] == ["read", "exact_dedup", "tokenize"]
     assert (tmp_path / "out" / "hydra").is_dir()  # Hydra's record of the running job is kept

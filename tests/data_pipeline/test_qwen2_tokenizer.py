@@ -73,7 +73,7 @@ def test_pipeline_with_qwen2_tokenizer_writes_int32_shards(qwen, tmp_path):
     from data_pipeline import run_pipeline
     from data_pipeline.config import DedupConfig, MinhashConfig, TokenizerConfig
     from data_pipeline.testing import no_rule_filters, read_jsonl_gz, small_config, write_corpus
-    from data_pipeline.tokenizer import shard_order
+    from common.shards import shard_order
 
     tok, ref, path = qwen
     write_corpus(tmp_path / "in.jsonl", good=10, exact_dups=1)
@@ -81,10 +81,10 @@ def test_pipeline_with_qwen2_tokenizer_writes_int32_shards(qwen, tmp_path):
                        filters=no_rule_filters(), dedup=DedupConfig(minhash=MinhashConfig(enabled=False)))
     summary = run_pipeline(cfg)
     m = summary.manifest
-    assert (m["dtype"], m["vocab_size"], m["eod_id"], m["documents"]) == ("int32", 151646, 151643, 13)
-    data = IndexedDataset(str(tmp_path / "out" / m["shards"][0]["prefix"]))
+    assert (m.dtype, m.vocab_size, m.eod_id, m.documents) == ("int32", 151646, 151643, 13)
+    data = IndexedDataset(str(tmp_path / "out" / m.shards[0].prefix))
     docs = read_jsonl_gz(tmp_path / "out" / "work" / "kept" / "00000.jsonl.gz")
-    assert m["shuffled"] and len(docs) == len(data) == 13
-    for i, j in enumerate(shard_order(len(docs), m["shuffle_seed"], 0)):
+    assert m.shuffled and len(docs) == len(data) == 13
+    for i, j in enumerate(shard_order(len(docs), m.shuffle_seed, 0)):
         assert data[i].tolist() == ref.encode(docs[j]["text"], disallowed_special=()) + [151643]
     assert json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["type"] == "BPE"

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from common.errors import ConfigError
+from common.shards import read_index, shard_order
 from data_pipeline.config import TokenizerConfig
-from data_pipeline.manifest import read_idx
 from data_pipeline.testing import prose
-from data_pipeline.tokenizer import ShardWriter, load_for_encoding, save_atomic, shard_order, train_bpe
+from data_pipeline.shard_writer import ShardWriter
+from data_pipeline.tokenizer import load_for_encoding, save_atomic, train_bpe
 
 pytestmark = pytest.mark.timeout(120)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -50,6 +51,12 @@ def write_shard(kept, out: Path, seed: int | None, rank: int = 0, writer_cls=Sha
         pass
     prefix = out / f"{rank:05d}_tokens"
     return prefix.with_suffix(".bin").read_bytes(), prefix.with_suffix(".idx").read_bytes()
+
+
+def summary(prefix: Path) -> tuple[str, int, int]:
+    """(dtype, documents, tokens) of a shard's .idx."""
+    index = read_index(prefix)
+    return index.dtype.name, index.documents, index.tokens
 
 
 def read_docs(prefix: Path) -> list[list[int]]:
@@ -92,7 +99,7 @@ def test_shuffled_shard_is_the_recorded_permutation_and_reproducible(kept, tmp_p
     assert docs == [kept["ids"][i] for i in order]  # position i holds input document order[i]
     assert docs != kept["ids"] and sorted(map(tuple, docs)) == sorted(map(tuple, kept["ids"]))
     # same documents and tokens as the unshuffled shard: the manifest's counts do not move
-    assert read_idx(tmp_path / "a" / "00000_tokens.idx") == read_idx(tmp_path / "plain" / "00000_tokens.idx") \
+    assert summary(tmp_path / "a" / "00000_tokens") == summary(tmp_path / "plain" / "00000_tokens") \
         == ("uint16", N_DOCS, sum(map(len, kept["ids"])))
     assert idx != plain_idx
     # the temporary input-order copy is gone, nothing else is left behind
@@ -130,7 +137,7 @@ def test_a_task_killed_mid_copy_leaves_no_complete_looking_shard(kept, tmp_path)
     assert not (out / "00000_tokens.idx").exists() and not list(out.glob("*.tmp"))
     assert (out / "00000_tokens.bin").stat().st_size == 10
     with pytest.raises(FileNotFoundError):
-        read_idx(out / "00000_tokens.idx")
+        read_index(out / "00000_tokens")
     # the resumed task (datatrove did not mark it complete) writes the same shard and cleans up
     assert write_shard(kept, out, seed=1234) == good
     assert sorted(p.name for p in out.iterdir()) == ["00000_tokens.bin", "00000_tokens.idx"]
@@ -142,7 +149,7 @@ def test_an_empty_task_writes_an_empty_readable_shard(tmp_path, kept):
         pass
     (tmp_path / "root" / "tokenizer.json").write_bytes((kept["root"] / "tokenizer.json").read_bytes())
     bin_, _ = write_shard({"root": tmp_path / "root"}, tmp_path / "out", seed=1234)
-    assert bin_ == b"" and read_idx(tmp_path / "out" / "00000_tokens.idx") == ("uint16", 0, 0)
+    assert bin_ == b"" and summary(tmp_path / "out" / "00000_tokens") == ("uint16", 0, 0)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -169,15 +176,15 @@ def test_pipeline_records_the_order_and_keeps_counts(tmp_path):
     off_cfg = replace(base, output_dir=str(tmp_path / "off"),
                       tokenizer=replace(base.tokenizer, shuffle_documents=False))
     off = run_pipeline(off_cfg).manifest
-    assert (on["shuffled"], on["shuffle_seed"], off["shuffled"], off["shuffle_seed"]) == (True, 1234, False, None)
-    strip = lambda m: {k: v for k, v in m.items() if k not in ("shuffled", "shuffle_seed", "source", "sources")}
+    assert (on.shuffled, on.shuffle_seed, off.shuffled, off.shuffle_seed) == (True, 1234, False, None)
+    strip = lambda m: {k: v for k, v in m.to_dict().items() if k not in ("shuffled", "shuffle_seed", "source", "sources")}
     assert strip(on) == strip(off)  # shards' documents and tokens, tokenizer hash, ...
     tok = load_for_encoding(tmp_path / "on" / "tokenizer.json")
-    kept_ids = [tok.encode(d["text"]).ids + [on["eod_id"]]
+    kept_ids = [tok.encode(d["text"]).ids + [on.eod_id]
                 for d in read_jsonl_gz(tmp_path / "on" / "work" / "kept" / "00000.jsonl.gz")]
-    assert len(kept_ids) == on["documents"] == 23
+    assert len(kept_ids) == on.documents == 23
     assert read_docs(tmp_path / "off" / "shards" / "00000_tokens") == kept_ids
-    order = shard_order(len(kept_ids), on["shuffle_seed"], 0)
+    order = shard_order(len(kept_ids), on.shuffle_seed, 0)
     assert read_docs(tmp_path / "on" / "shards" / "00000_tokens") == [kept_ids[i] for i in order] != kept_ids
     # an output made in input order is not resumed as a shuffled one
     with pytest.raises(ConfigError, match=r"different settings \(tokenizer\.shuffle_documents\)"):

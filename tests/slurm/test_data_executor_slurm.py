@@ -53,4 +53,4 @@ def test_slurm_executor_runs_the_stages_as_dependent_jobs(slurm_cluster, tmp_pat
     assert {s["stage"]: s["dropped"] for s in stats["stages"]}["exact_dedup"] == {"duplicate": 2}
     # submitting again finds everything done: no new jobs, the finished summary
     again = run_pipeline(cfg)
-    assert again.slurm_jobs == [] and again.manifest == manifest
+    assert again.slurm_jobs == [] and again.manifest.to_dict() == manifest
