@@ -1,6 +1,6 @@
 """The layout planner's predicted throughput against published training runs (BF16, dense Llama shapes).
 
-    python benchmarks/bench_planner_published.py [--markdown]
+    python benchmarks/bench_planner_published.py        # a markdown table on stdout
 
 Each row is a published (model, GPUs, layout, tokens/s per GPU) figure; the planner predicts tokens/s/GPU
 for the same model shape, layout, sequence length and batch on the same GPU type, and the error is
@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain.models.config import ModelConfig  # noqa: E402
-from pretrain.plan.hardware import GPUS, GPU  # noqa: E402
-from pretrain.plan.memory import Layout  # noqa: E402
-from pretrain.plan.search import estimate  # noqa: E402
+from pretrain.models.config import ModelConfig
+from pretrain.plan.hardware import GPUS, GPU
+from pretrain.plan.memory import Layout
+from pretrain.plan.search import estimate
 
 LLAMA = {
     "llama3_8b": ModelConfig(name="llama3_8b", hidden_size=4096, ffn_hidden_size=14336, num_layers=32, num_heads=32,

@@ -6,12 +6,12 @@ Each ZeRO stage trains the same small fp32 Qwen2 through ``build_train_module`` 
 DDP / distributed optimizer; 2/3: DeepSpeed) on ``dp`` gloo ranks for two steps. Just before the second
 optimizer step -- gradients reduced, Adam moments allocated: the high-water mark of training state --
 every rank counts the bytes of the tensor storages it holds, each storage once, in the first category
-that claims it:
+that claims it (``pretrain.plan.measure.model_state_bytes``, what the planner is checked against):
 
 * params:  the model's parameters (ZeRO-3: this rank's partitions ``ds_tensor`` + persistent 1-D tensors)
 * grads:   reduced gradients (megatron's grad buffer; DeepSpeed's partition of the reduced gradients)
 * master:  fp32 master weights the optimizer steps, when they are a separate copy (DeepSpeed keeps one
-           even for fp32 models; megatron's fp32 shards are views into the parameter buffer)
+           even for fp32 models, at ZeRO-2 and ZeRO-3; megatron's fp32 shards are views into the parameter buffer)
 * adam:    the torch AdamW state (exp_avg, exp_avg_sq, step)
 * buckets: DeepSpeed's gradient reduction bucket(s) (transient in principle, allocated once and kept)
 * other:   every other live tensor the garbage collector can see (RoPE tables; under ZeRO-2 DeepSpeed's
@@ -24,104 +24,32 @@ Prints a markdown table (MiB per rank; rank 0; the ranks differ by padding only)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.harness import job  # noqa: E402
 from parallel.testing import run_distributed  # noqa: E402
 
 MiB = 2**20
-CATEGORIES = ("params", "grads", "master", "adam", "buckets", "other")
+# pretrain.plan.measure's categories, under this table's names.
+CATEGORIES = {"weights": "params", "gradients": "grads", "master_weights": "master", "optimizer_state": "adam",
+              "comm_buffers": "buckets", "other": "other"}
 
 
-def _storage(t: torch.Tensor) -> tuple[int, int] | None:
-    s = t.untyped_storage()
-    return (s.data_ptr(), s.nbytes()) if s.nbytes() else None
-
-
-def _inner_optimizers(module) -> list[torch.optim.Optimizer]:
-    if hasattr(module, "engine"):
-        return [module.engine.optimizer.optimizer]
-    opt = module.optimizer
-    return [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
-
-
-def _claims(module) -> dict[str, list[torch.Tensor]]:
-    """Tensors per category, in the order categories claim storages."""
-    claims: dict[str, list[torch.Tensor]] = {c: [] for c in CATEGORIES}
-    chunks = [module.model] if hasattr(module, "engine") else module.chunks
-    params = [p for c in chunks for p in c.parameters()]
-    claims["params"] = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
-    if hasattr(module, "engine"):  # DeepSpeed's flat parameter buffers (ZeRO-2: whole; ZeRO-3: this rank's part)
-        zopt = module.engine.optimizer
-        for name in ("bit16_groups_flat", "fp16_partitioned_groups_flat"):
-            claims["params"] += [t for t in getattr(zopt, name, None) or [] if torch.is_tensor(t)]
-    claims["grads"] = [p.main_grad for p in params if getattr(p, "main_grad", None) is not None]
-    claims["grads"] += [p.grad for p in params if p.grad is not None]
-    claims["grads"] += [p.grad_accum for p in params if getattr(p, "grad_accum", None) is not None]  # DeepSpeed
-    for opt in _inner_optimizers(module):
-        for group in opt.param_groups:
-            claims["master"] += group["params"]
-            claims["grads"] += [p.grad for p in group["params"] if p.grad is not None]
-        claims["adam"] += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
-    if hasattr(module, "engine"):
-        zopt = module.engine.optimizer
-        averaged = getattr(zopt, "averaged_gradients", {}) or {}
-        for grads in averaged.values():
-            claims["grads"] += [g for g in (grads if isinstance(grads, list) else [grads]) if torch.is_tensor(g)]
-        for name in ("grads_in_partition", "grad_partitions_flat_buffer",
-                     "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"):
-            value = getattr(zopt, name, None)
-            values = value.values() if isinstance(value, dict) else [value]
-            claims["grads"] += [v for v in values if torch.is_tensor(v)]
-        for bucket in (getattr(zopt, "ipg_buckets", {}) or {}).values():
-            claims["buckets"] += [v for v in vars(bucket).values() if torch.is_tensor(v)]
-        claims["buckets"] += [t for t in getattr(zopt, "ipg_buffer", None) or [] if torch.is_tensor(t)]
-    return claims
-
-
-def measure(module) -> dict[str, int]:
-    """Bytes per category on this rank; each storage counted once."""
-    seen: set[int] = set()
-    out = {c: 0 for c in CATEGORIES}
-    for category, tensors in _claims(module).items():
-        for t in tensors:
-            st = _storage(t)
-            if st is not None and st[0] not in seen:
-                seen.add(st[0])
-                out[category] += st[1]
-    gc.collect()
-    for obj in gc.get_objects():
-        try:
-            is_tensor = torch.is_tensor(obj)
-        except Exception:  # noqa: BLE001 - odd objects in gc
-            continue
-        if is_tensor:
-            st = _storage(obj)
-            if st is not None and st[0] not in seen:
-                seen.add(st[0])
-                out["other"] += st[1]
-    return out
-
-
-def _job(args, zero: int):
-    from parallel.config import ParallelConfig
-    from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig, WandbConfig
-    from pretrain.models.config import ModelConfig
-
-    model = ModelConfig(name="bench", hidden_size=args.hidden, ffn_hidden_size=int(args.hidden * 2.75) // 8 * 8,
-                        num_layers=args.layers, num_heads=8, num_kv_heads=4, vocab_size=args.vocab)
-    return JobConfig(model=model, data=DataConfig(seq_len=args.seq), parallel=ParallelConfig(zero=zero),
-                     optim=OptimConfig(), trainer=TrainerConfig(steps=2, micro_batch_size=1, global_batch_size=args.dp_max,
-                                                                wandb=WandbConfig(mode="disabled")))
+def _job(args, zero: int, world_size: int):
+    """A small fp32 Qwen2 (ModelConfig's defaults otherwise) on ``world_size`` ranks at ZeRO ``zero``."""
+    return job(["model=qwen2_tiny", "model.name=bench", f"model.hidden_size={args.hidden}",
+                f"model.ffn_hidden_size={int(args.hidden * 2.75) // 8 * 8}", f"model.num_layers={args.layers}",
+                "model.num_heads=8", "model.num_kv_heads=4", f"model.vocab_size={args.vocab}", "model.max_seq_len=4096",
+                f"data.seq_len={args.seq}", "parallel=single", f"parallel.zero={zero}", "trainer.steps=2",
+                "trainer.micro_batch_size=1", f"trainer.global_batch_size={world_size}",
+                "trainer.precision=fp32", "trainer.wandb.mode=disabled"], world_size=world_size)
 
 
 def run_stage(rank: int, world_size: int, args, zeros: list[int]) -> dict:
@@ -129,35 +57,30 @@ def run_stage(rank: int, world_size: int, args, zeros: list[int]) -> dict:
 
     from parallel.mesh import init_distributed
     from pretrain.build import build_train_module
-    from pretrain.config import validate_job
+    from pretrain.plan.measure import before_optimizer_step, model_state_bytes, parameter_count
 
     results = {}
     for zero in zeros:
-        job = _job(args, zero)
-        job = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, global_batch_size=world_size))
-        validate_job(job, world_size)
+        stage = _job(args, zero, world_size)
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        init_distributed(job.parallel, seed=0)
-        module = build_train_module(job, vocab_size=args.vocab)
-        chunks = [module.model] if hasattr(module, "engine") else module.chunks
-        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for c in chunks for p in c.parameters())
-        step_owner = module.engine.optimizer if hasattr(module, "engine") else module.optimizer
-        original, seen = step_owner.step, {}
+        init_distributed(stage.parallel, seed=0)
+        module = build_train_module(stage, vocab_size=args.vocab)
+        seen = {}
 
-        def step(*a, _original=original, _seen=seen, _module=module, **kw):
-            _seen["bytes"] = measure(_module)  # the second step's measurement is kept
-            return _original(*a, **kw)
+        def measure(_module=module, _seen=seen):
+            _seen["bytes"] = model_state_bytes(_module, other=True)  # the second step's measurement is kept
 
-        step_owner.step = step
         g = torch.Generator().manual_seed(rank)
-        for _ in range(2):
-            tokens = torch.randint(0, args.vocab, (1, args.seq), generator=g)
-            mb = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(1, args.seq),
-                  "position_ids": torch.arange(args.seq).unsqueeze(0)}
-            module.train_batch([mb])
-        results[zero] = {"bytes": seen["bytes"], "params": n_params}
-        del module, step_owner, original
+        with before_optimizer_step(module, measure):
+            for _ in range(2):
+                tokens = torch.randint(0, args.vocab, (1, args.seq), generator=g)
+                mb = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(1, args.seq),
+                      "position_ids": torch.arange(args.seq).unsqueeze(0)}
+                module.train_batch([mb])
+        results[zero] = {"bytes": {CATEGORIES[k]: v for k, v in seen["bytes"].items()},
+                         "params": parameter_count(module)}
+        del module, measure
         gc.collect()
     return results
 
@@ -176,10 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3])
     args = parser.parse_args(argv)
-    args.dp_max = max(args.dp)
-    from parallel.deepspeed import _import_deepspeed
-
-    _import_deepspeed()  # once, before the ranks fork
+    if any(zero >= 2 for zero in args.zero):
+        import deepspeed  # noqa: F401 - once, before the ranks fork (each rank's build then finds it imported)
     rows = []
     for dp in args.dp:
         for zero in args.zero:  # fresh ranks per stage: a DeepSpeed engine is not freed by gc in-process

@@ -15,15 +15,11 @@ from pretrain.train_module import StepResult
 
 log = logging.getLogger("pretrain")
 
-# Dense BF16 peak of the GPUs we benchmark on (per GPU), for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
 def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    """This GPU's dense BF16 peak (``pretrain.plan.hardware``), for MFU; None on the CPU or an unknown GPU."""
+    from pretrain.plan.hardware import peak_bf16_flops
+
+    return peak_bf16_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def peak_memory_gib() -> float:

@@ -7,6 +7,9 @@ HGX B200 180 GB (2250 TFLOP/s BF16 dense, 8 TB/s HBM3e, NVLink 5 1.8 TB/s = 900 
 one 400 Gb/s NDR InfiniBand / ConnectX-7 port per GPU (50 GB/s) on DGX H100/H200/B200, 200 Gb/s HDR
 (25 GB/s) on DGX A100.
 
+``PEAK_BF16_DENSE_FLOPS``: the same dense BF16 peaks by ``torch.cuda.get_device_name()``, for MFU (the
+trainer's console and the benchmarks).
+
 Efficiency factors (achieved / peak), ``source`` says where each comes from:
 * matmul 0.80: measured on this project's H200 (bf16 8192³ matmul ~788 TFLOP/s of 989.4, /work/shared/NOTES.md);
   H100 SXM has the same compute die and is given the same factor; A100/B200 have no measurement here and use
@@ -59,3 +62,28 @@ def gpu(name: str) -> GPU:
     if name not in GPUS:
         raise ConfigError(f"plan.gpu={name!r} is not one of {', '.join(GPUS)}")
     return GPUS[name]
+
+
+PEAK_BF16_DENSE_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("GH200", 989e12),
+    ("H100", 989.4e12),  # SXM5: "NVIDIA H100 80GB HBM3"
+    ("H200", 989.4e12),  # SXM: "NVIDIA H200"
+    ("H800", 989.4e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("B200", 2250e12),
+)
+"""Dense (no sparsity) BF16 tensor-core peak per GPU, FLOP/s, from NVIDIA's datasheets (the "with sparsity"
+figure halved), keyed by a substring of ``torch.cuda.get_device_name()``; the more specific names come first."""
+
+
+def peak_bf16_flops(device_name: str | None) -> float | None:
+    """The dense BF16 peak of the GPU ``torch.cuda.get_device_name()`` calls ``device_name`` (the first entry of
+    :data:`PEAK_BF16_DENSE_FLOPS` it contains), None if unknown: what MFU divides by (trainer and benchmarks)."""
+    if device_name is None:
+        return None
+    return next((v for k, v in PEAK_BF16_DENSE_FLOPS if k in device_name), None)

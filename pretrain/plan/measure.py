@@ -2,13 +2,15 @@
 
 * :func:`model_state_bytes`: bytes of the tensor storages a ``TrainModule`` / ``DeepSpeedTrainModule`` keeps
   between steps, per category (weights, gradients, master weights, optimizer state, buffers), each storage
-  counted once, in the first category that claims it.
+  counted once, in the first category that claims it (``other=True``: every other live tensor too).
+  :func:`before_optimizer_step` calls it (or anything) at the high-water mark, :func:`parameter_count` gives Ψ.
 * :class:`SavedTensorMeter`: bytes autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``),
   deduplicated by storage, parameters excluded; per transformer layer, and the live total's peak (tensors
   are tracked until they are freed, so a pipeline schedule's in-flight microbatches show in the peak).
 """
 from __future__ import annotations
 
+import gc
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
@@ -75,17 +77,61 @@ def _claims(module) -> dict[str, list[torch.Tensor]]:
     return claims
 
 
-def model_state_bytes(module) -> dict[str, int]:
-    """Bytes per category on this rank (call after an optimizer step, when Adam's moments exist)."""
+def model_state_bytes(module, *, other: bool = False) -> dict[str, int]:
+    """Bytes per category on this rank (call after an optimizer step, when Adam's moments exist).
+
+    ``other``: also ``"other"``, every further live tensor storage the garbage collector can see (RoPE tables,
+    DeepSpeed's ``round_robin_bit16_meta``...): with it, the categories add up to all the tensors of the process.
+    """
     seen: set[int] = set()
     out = {c: 0 for c in CATEGORIES}
+
+    def count(category: str, t: torch.Tensor) -> None:
+        st = _storage(t)
+        if st is not None and st[0] not in seen:
+            seen.add(st[0])
+            out[category] = out.get(category, 0) + st[1]
+
     for category, tensors in _claims(module).items():
         for t in tensors:
-            st = _storage(t)
-            if st is not None and st[0] not in seen:
-                seen.add(st[0])
-                out[category] += st[1]
+            count(category, t)
+    if other:
+        out["other"] = 0
+        gc.collect()
+        for obj in gc.get_objects():
+            try:
+                is_tensor = torch.is_tensor(obj)
+            except Exception:  # noqa: BLE001 - odd objects in gc
+                continue
+            if is_tensor:
+                count("other", obj)
     return out
+
+
+def parameter_count(module) -> int:
+    """Parameters of the model ``module`` trains, each at full size (ZeRO-3's partitioned ones too)."""
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for c in _chunks(module) for p in c.parameters())
+
+
+@contextmanager
+def before_optimizer_step(module, fn):
+    """Call ``fn()`` just before every optimizer step ``module`` takes inside this block: gradients reduced, and
+    from the second step on Adam's moments allocated, i.e. the high-water mark of model state."""
+    owner = module.engine.optimizer if hasattr(module, "engine") else module.optimizer
+    original, own = owner.step, "step" in vars(owner)
+
+    def step(*args, **kwargs):
+        fn()
+        return original(*args, **kwargs)
+
+    owner.step = step
+    try:
+        yield
+    finally:
+        if own:
+            owner.step = original
+        else:
+            del owner.step  # the class's method again
 
 
 class SavedTensorMeter:
