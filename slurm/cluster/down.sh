@@ -20,23 +20,15 @@ while [ $# -gt 0 ]; do
     *) echo "down.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-say() { echo "[slurm down] $*"; }
-[ "$(id -u)" -eq 0 ] || { echo "[slurm down] error: needs root" >&2; exit 1; }
+SLURM_SCRIPT=down
+# shellcheck source=slurm/cluster/common.sh
+. "$(dirname "$0")/common.sh"
+[ "$(id -u)" -eq 0 ] || die "needs root"
 if [ "$MULTINODE" -eq 1 ]; then
   "$(dirname "$0")/multinode.sh" down $([ "$PURGE" -eq 1 ] && echo --purge)
   say "multi-node cluster down"
   exit 0
 fi
-
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-stop() {  # stop the daemon whose pid file is $1, named $2
-  alive "$1" || return 0
-  local pid; pid=$(cat "$1")
-  say "stopping $2 (pid $pid)"
-  kill "$pid"
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-}
 
 if alive /run/slurmctld.pid && command -v squeue >/dev/null; then
   jobs=$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')

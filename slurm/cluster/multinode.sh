@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The simulated multi-node cluster behind `slurm/cluster/up.sh --nodes N` and `down.sh --nodes N`
-# (those two check root, install the packages and start munge first; call them, not this file).
+# (those two check root, install the packages and start munge first; call them, not this file). What it
+# shares with the one-node cluster (messages, pid files, the common slurm.conf lines) is in common.sh.
 #
 #   multinode.sh up N CPUS TIMEOUT      N nodes mn1..mnN, each announcing CPUS CPUs
 #   multinode.sh down [--purge]
@@ -26,16 +27,9 @@ RUN_DIR=/run/slurm-mn
 PARTITION=mn
 export SLURM_CONF=$CONF_DIR/slurm.conf
 
-say() { echo "[slurm up] $*"; }
-die() { echo "[slurm up] error: $*" >&2; exit 1; }
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-stop() {  # stop the daemon whose pid file is $1
-  alive "$1" || return 0
-  local pid; pid=$(cat "$1")
-  kill "$pid"
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-}
+SLURM_SCRIPT=${1:-up}  # "up" or "down" in messages
+# shellcheck source=slurm/cluster/common.sh
+. "$HERE/common.sh"
 existing_nodes() {  # numbers of the node namespaces that exist
   ip netns list 2>/dev/null | sed -n "s/^$NS_PREFIX\([0-9][0-9]*\)\( .*\)\{0,1\}$/\1/p" | sort -n
 }
@@ -43,9 +37,8 @@ existing_nodes() {  # numbers of the node namespaces that exist
 up() {
   local nodes=$1 cpus=$2 timeout=$3
   { [ "$nodes" -ge 2 ] && [ "$nodes" -le 200 ]; } 2>/dev/null || die "--nodes must be between 2 and 200, got '$nodes'"
-  local mem_mb real_memory proctrack k
-  mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
-  real_memory=$(( mem_mb * 85 / 100 / nodes ))
+  local real_memory proctrack k
+  real_memory=$(( $(memory_mb) * 85 / 100 / nodes ))
   # Not proctrack/cgroup: every slurmd of this machine would put a job's step into the same cgroup
   # (slurm/uid_0/job_<id>/step_<n>), and one node ending or cleaning up its part of a multi-node step
   # would kill the other nodes' processes too. linuxproc follows each slurmstepd's own process tree.
@@ -83,15 +76,6 @@ ClusterName=multinode
 SlurmctldHost=mn1($SUBNET.1)
 SlurmctldPort=6917
 SlurmdPort=6918
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=cred_expire=10
-MpiDefault=none
-ProctrackType=$proctrack
-TaskPlugin=task/none
-ReturnToService=2
 # A node that stops answering is declared down after 6 s (default 300 s): the job on it ends as
 # NODE_FAIL and, submitted with --requeue, goes back to the queue.
 SlurmdTimeout=6
@@ -102,19 +86,7 @@ StateSaveLocation=$STATE_DIR/slurmctld
 SlurmdSpoolDir=$STATE_DIR/slurmd.%n
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.%n.log
-MailProg=$(command -v true)
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2
-DependencyParameters=kill_invalid_depend
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-EnforcePartLimits=ALL
-SlurmdParameters=config_overrides
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=600
-InactiveLimit=0
+$(common_slurm_conf "$proctrack")
 # Far from the one-node cluster's ids, so run directories named after job ids never meet.
 FirstJobId=500000
 EOF
@@ -123,13 +95,7 @@ EOF
     done
     echo "PartitionName=$PARTITION Nodes=mn[1-$nodes] Default=YES MaxTime=INFINITE State=UP"
   } >"$tmp/slurm.conf"
-  cat >"$tmp/cgroup.conf" <<EOF
-# Written by slurm/cluster/up.sh --nodes $nodes.
-CgroupPlugin=cgroup/v1
-ConstrainCores=no
-ConstrainRAMSpace=no
-ConstrainDevices=no
-EOF
+  cgroup_conf "slurm/cluster/up.sh --nodes $nodes" >"$tmp/cgroup.conf"
 
   local changed=0 f
   for f in slurm.conf cgroup.conf; do cmp -s "$tmp/$f" "$CONF_DIR/$f" || changed=1; done

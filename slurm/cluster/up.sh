@@ -45,8 +45,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-say() { echo "[slurm up] $*"; }
-die() { echo "[slurm up] error: $*" >&2; exit 1; }
+SLURM_SCRIPT=up
+# shellcheck source=slurm/cluster/common.sh
+. "$(dirname "$0")/common.sh"
 
 [ "$(id -u)" -eq 0 ] || die "needs root (it installs packages and starts the Slurm daemons)"
 
@@ -57,37 +58,10 @@ LOG_DIR=/var/log/slurm
 PARTITION=debug
 real_cpus=$(nproc)
 [ -n "$CPUS" ] || CPUS=$(( real_cpus > 8 ? real_cpus : 8 ))
-mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
-REAL_MEMORY=$(( mem_mb * 85 / 100 ))
+REAL_MEMORY=$(( $(memory_mb) * 85 / 100 ))
 
-# --- packages ---------------------------------------------------------------------------------------
-PACKAGES=(slurmctld slurmd slurm-client munge)
-missing=()
-for bin in slurmctld slurmd sbatch munged; do command -v "$bin" >/dev/null 2>&1 || missing+=("$bin"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install ${PACKAGES[*]}"
-  say "installing ${PACKAGES[*]} (missing: ${missing[*]})"
-  export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null; then
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
-  fi
-fi
-
-# --- munge --------------------------------------------------------------------------------------------
-# Without systemd nothing creates munge's run directory; munged must run as user munge.
-install -d -o munge -g munge -m 0755 /run/munge
-install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge /etc/munge
-if [ ! -s /etc/munge/munge.key ]; then
-  say "creating /etc/munge/munge.key"
-  runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
-fi
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-  say "starting munged"
-  runuser -u munge -- /usr/sbin/munged
-  for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
-  munge -n | unmunge >/dev/null || die "munged does not answer (see /var/log/munge/munged.log)"
-fi
+install_packages
+start_munge
 
 if [ "$NODES" != 1 ]; then
   [ "$FAKE_GPUS" -eq 0 ] || die "--fake-gpus is for the one-node cluster, not with --nodes"
@@ -110,50 +84,19 @@ cat >"$tmp/slurm.conf" <<EOF
 # Written by slurm/cluster/up.sh: a one-node cluster for development and CI. Edits are overwritten.
 ClusterName=local
 SlurmctldHost=$HOST
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-# Short credential lifetime: a requeued job restarts in ~12 s instead of ~2.5 min.
-AuthInfo=cred_expire=10
-MpiDefault=none
-ProctrackType=$PROCTRACK
-TaskPlugin=task/none
-ReturnToService=2
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 StateSaveLocation=$STATE_DIR/slurmctld
 SlurmdSpoolDir=$STATE_DIR/slurmd
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-MailProg=$(command -v true)
-SchedulerType=sched/backfill
-# Schedule every 2 s; cancel jobs whose dependency failed instead of leaving them pending forever.
-SchedulerParameters=sched_interval=2,bf_interval=2
-DependencyParameters=kill_invalid_depend
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-# A request the partition can never satisfy is refused at submit time instead of pending forever.
-EnforcePartLimits=ALL
-# The node may announce more CPUs than it has cores.
-SlurmdParameters=config_overrides
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=600
 KillWait=30
-InactiveLimit=0
+$(common_slurm_conf "$PROCTRACK")
 $gres_types
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MEMORY$gres_line State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
-cat >"$tmp/cgroup.conf" <<EOF
-# Written by slurm/cluster/up.sh.
-CgroupPlugin=cgroup/v1
-ConstrainCores=no
-ConstrainRAMSpace=no
-ConstrainDevices=no
-EOF
+cgroup_conf slurm/cluster/up.sh >"$tmp/cgroup.conf"
 : >"$tmp/gres.conf"
 if [ "$FAKE_GPUS" -gt 0 ]; then
   # Placeholder character devices (NVIDIA's major number): Slurm only needs files to hand out.
@@ -164,7 +107,6 @@ if [ "$FAKE_GPUS" -gt 0 ]; then
 fi
 
 # --- daemons --------------------------------------------------------------------------------------------
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 changed=0
 mkdir -p "$CONF_DIR"
 for f in slurm.conf cgroup.conf gres.conf; do cmp -s "$tmp/$f" "$CONF_DIR/$f" || changed=1; done
@@ -179,13 +121,6 @@ for f in slurm.conf cgroup.conf gres.conf; do
 done
 install -d -m 0755 "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd" "$LOG_DIR"
 
-stop() {  # stop the daemon whose pid file is $1
-  alive "$1" || return 0
-  local pid; pid=$(cat "$1")
-  kill "$pid"
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-}
 if [ "$changed" -eq 1 ] && { alive /run/slurmctld.pid || alive /run/slurmd.pid; }; then
   say "configuration changed: restarting slurmctld and slurmd"
   stop /run/slurmd.pid
