@@ -18,24 +18,21 @@ pretrain/models/qwen2/state_dict.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from benchmarks.harness import emit, job
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 
-def _parse() -> argparse.Namespace:
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="qwen2_tiny,qwen2_moe_tiny", help="conf/model presets, comma-separated")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary (the tiny presets take it from data)")
@@ -47,7 +44,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write results as JSON to PATH (or stdout with no PATH) instead of the table")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def _megatron_step(chunk, optimizer, tokens, labels, position_ids) -> float:
@@ -70,22 +67,25 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
 
 
+def model_job(preset: str, args: argparse.Namespace):
+    return job([f"model={preset}", "parallel=single", f"model.vocab_size={args.vocab_size}",
+                f"model.max_seq_len={max(args.seq_len, 128)}"])
+
+
 def bench_one(preset: str, args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from pretrain.convert import load_model_config
+    from pretrain.models import registry
     from pretrain.models.hf import hf_config_from_model, hf_state_dict_from_module, load_hf_into_chunks
-    from pretrain.models.decoder.model import build_model_chunks, transformer_config
 
-    model = dataclasses.replace(load_model_config(preset), vocab_size=args.vocab_size,
-                                max_seq_len=max(args.seq_len, 128))
+    model = model_job(preset, args).model
     hf_config = hf_config_from_model(model)
-    hf_config._attn_implementation = "sdpa"
     if model.is_moe:
         hf_config.output_router_logits = True
     torch.manual_seed(args.seed)
-    hf_model = AutoModelForCausalLM.from_config(hf_config).train()
-    (chunk,) = build_model_chunks(model, transformer_config(model), args.vocab_size)
+    hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").train()
+    family = registry.get(model.family)  # the bare GPTModel chunk, as the trainer's build makes it
+    (chunk,) = family.build_model_chunks(model, family.transformer_config(model), args.vocab_size)
     load_hf_into_chunks([chunk], hf_state_dict_from_module(hf_model), model)
     chunk.train()
     opt_m, opt_h = _adamw(chunk.parameters()), _adamw(hf_model.parameters())
@@ -124,15 +124,15 @@ def bench_one(preset: str, args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> int:
-    args = _parse()
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     torch.set_num_threads(args.threads)
-    from parallel.config import ParallelConfig
     from parallel.mesh import destroy_distributed, init_distributed
 
-    init_distributed(ParallelConfig(), seed=args.seed)  # a 1-rank group: megatron's layers query it
+    presets = args.models.split(",")
+    init_distributed(model_job(presets[0], args).parallel, seed=args.seed)  # 1 rank: megatron's layers query it
     try:
-        results = [bench_one(preset, args) for preset in args.models.split(",")]
+        results = [bench_one(preset, args) for preset in presets]
     finally:
         destroy_distributed()
     doc = {
@@ -142,21 +142,18 @@ def main() -> int:
                     "load_average_after": os.getloadavg()},
         "results": results,
     }
-    if args.json is not None:
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-    if args.json != "-":
-        print(f"batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab_size}, {args.threads} thread(s), "
-              f"median of {args.steps} steps after {args.warmup} warm-up")
-        print(f"{'model':16s} {'params':>9s} {'megatron s':>11s} {'HF s':>9s} {'ratio':>6s}  first loss (mcore / HF)")
-        for r in results:
-            print(f"{r['model']:16s} {r['parameters']:9d} {r['megatron_step_s']:11.4f} {r['transformers_step_s']:9.4f} "
-                  f"{r['ratio_megatron_over_transformers']:6.2f}  {r['loss_first']['megatron']:.5f} / "
-                  f"{r['loss_first']['transformers']:.5f}")
+    emit(doc, args.json, lambda: print_table(doc, args))
     return 0
+
+
+def print_table(doc: dict, args: argparse.Namespace) -> None:
+    print(f"batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab_size}, {args.threads} thread(s), "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'model':16s} {'params':>9s} {'megatron s':>11s} {'HF s':>9s} {'ratio':>6s}  first loss (mcore / HF)")
+    for r in doc["results"]:
+        print(f"{r['model']:16s} {r['parameters']:9d} {r['megatron_step_s']:11.4f} {r['transformers_step_s']:9.4f} "
+              f"{r['ratio_megatron_over_transformers']:6.2f}  {r['loss_first']['megatron']:.5f} / "
+              f"{r['loss_first']['transformers']:.5f}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ torchtitan: 12 x layers x heads x head_dim x seq, causal masking NOT discounted)
 (Megatron-LM's ``num_floating_point_operations``: half of that attention term), the same for both sides; and
 ``matmul_fraction``: achieved TFLOP/s (PaLM) over a bf16 matmul ceiling measured in the same run
 (``--matmul-tflops``, from the GPU script's preflight). Compare with published figures in their convention. The peak is the vendor's DENSE
-(no sparsity) BF16 tensor-core figure, from ``PEAK_BF16_DENSE_FLOPS`` below (first matching substring of
+(no sparsity) BF16 tensor-core figure, from ``pretrain.plan.hardware.PEAK_BF16_DENSE_FLOPS`` (first matching substring of
 ``torch.cuda.get_device_name()``), or ``--peak-tflops``. For scale: an 8192^3 bf16 matmul reaches ~790-800
 TFLOP/s on the H100 SXM / H200 of the device machine (~80% of 989), so ~0.8 is the practical MFU ceiling.
 
@@ -64,42 +64,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import gc
-import json
 import math
 import os
 import platform
 import re
-import shlex
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+from benchmarks import harness
+from pretrain.plan.hardware import peak_bf16_flops
 
-# Dense (no sparsity) BF16 tensor-core peak per GPU, from NVIDIA's datasheets (the "with sparsity" figure
-# halved). Matched in order against torch.cuda.get_device_name(): the more specific names come first.
-# H100/H200 agree with pretrain.callbacks.PEAK_BF16_FLOPS (what the trainer's MFU uses).
-PEAK_BF16_DENSE_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H200 NVL", 835e12),
-    ("GH200", 989e12),
-    ("H100", 989.4e12),  # SXM5: "NVIDIA H100 80GB HBM3"
-    ("H200", 989.4e12),  # SXM: "NVIDIA H200"
-    ("H800", 989.4e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("B200", 2250e12),
-)
-
+# Where the results go (flag / optional value / value): not part of the command that reproduces them.
+OUTPUT_OPTIONS = {"--record": "", "--json": "?", "--record-to": "1"}
 TINY_PRESETS = {"dense": "qwen2_tiny", "moe": "qwen2_moe_tiny"}
 _ATTN_OP = re.compile(r"scaled_dot_product|flash|fmha|cudnn|sdpa|attention|baddbmm",
                       re.IGNORECASE)
@@ -159,13 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true", help="skip the extra profiled step (attention kernels)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write the results as JSON to PATH ('-' or no PATH: stdout, and no table)")
-    p.add_argument("--record", action="store_true", help=f"append a row to {RESULTS_MD.relative_to(REPO)}")
-    p.add_argument("--record-to", type=Path, default=RESULTS_MD, metavar="MD",
+    p.add_argument("--record", action="store_true", help="append a row to benchmarks/RESULTS.md")
+    p.add_argument("--record-to", type=Path, default=harness.RESULTS_MD, metavar="MD",
                    help="with --record: the markdown file to append to (the GPU script collects rows in $OUT)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, fp32, tiny preset, 3 steps (1 warm-up): checks the plumbing")
     args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = harness.argv_of(argv)
     if args.dry_run:
         if not args.keep_preset:
             args.model = TINY_PRESETS["moe" if "moe" in args.model else "dense"]
@@ -186,12 +167,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Job config (Hydra, as the trainer composes it)
 # --------------------------------------------------------------------------------------------------
 def compose_job(args: argparse.Namespace, *, bf16: bool):
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    from pretrain.config import register_configs, validate_job
-
-    register_configs()
     overrides = [
         f"model={args.model}", "parallel=single",
         f"trainer.precision={'bf16' if bf16 else 'fp32'}",
@@ -211,22 +186,20 @@ def compose_job(args: argparse.Namespace, *, bf16: bool):
         "optim.warmup_steps=0", "optim.decay_steps=1000000000",
         *args.override,
     ]
-    with initialize_config_module(config_module="conf", version_base=None):
-        cfg = compose("config", overrides=overrides)
-    job = OmegaConf.to_object(cfg)
-    changes = {}
-    if args.layers is not None:
-        changes["num_layers"] = args.layers
-    if job.model.vocab_size is None:
-        changes["vocab_size"] = args.vocab_size or 2048
-    elif args.vocab_size is not None:
-        changes["vocab_size"] = args.vocab_size
-    if args.seq_len > job.model.max_seq_len:
-        changes["max_seq_len"] = args.seq_len
-    if changes:
-        job.model = dataclasses.replace(job.model, **changes)
-    validate_job(job, world_size=1)
-    return job
+
+    def model_changes(model) -> dict:
+        changes = {}
+        if args.layers is not None:
+            changes["num_layers"] = args.layers
+        if model.vocab_size is None:
+            changes["vocab_size"] = args.vocab_size or 2048
+        elif args.vocab_size is not None:
+            changes["vocab_size"] = args.vocab_size
+        if args.seq_len > model.max_seq_len:
+            changes["max_seq_len"] = args.seq_len
+        return changes
+
+    return harness.job(overrides, model=model_changes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,18 +325,6 @@ def make_batch(job, args: argparse.Namespace, device) -> list[dict]:
         batches.append({k: v.to(device) for k, v in dict(tokens=tokens, labels=labels, loss_mask=loss_mask,
                                                          position_ids=position_ids).items()})
     return batches
-
-
-def _compile_peer_layers(layers, moe: bool) -> str:
-    """The peer gets the scope ``trainer.compile`` gives ours (``pretrain.models.decoder.compile.apply_compile``):
-    ``torch.compile`` per decoder layer in place, MoE: per attention block; the same recompile limit."""
-    import torch._dynamo.config as dynamo_config
-
-    limit = max(dynamo_config.recompile_limit, 2 * len(layers) + 8)
-    dynamo_config.recompile_limit = dynamo_config.cache_size_limit = limit
-    for layer in layers:
-        (layer.self_attn if moe else layer).compile()
-    return f"{len(layers)} x {'attention block' if moe else 'transformer layer'}"
 
 
 def _compile_counters() -> dict:
@@ -509,41 +470,6 @@ def _figures(times: list[float], args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # The Hugging Face peer
 # --------------------------------------------------------------------------------------------------
-def _load_hf_weights(model, weights: dict) -> None:
-    """Copy checkpoint-named HF weights into a live transformers model (fused MoE experts included)."""
-    import torch
-
-    fused = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    seen = set()
-    with torch.no_grad():
-        for key, param in model.state_dict().items():
-            if tied and key == "lm_head.weight":
-                continue
-            m = fused.match(key)
-            if m:
-                prefix, kind = m.groups()
-                n = param.shape[0]
-                if kind == "gate_up_proj":
-                    parts = [torch.cat([weights[f"{prefix}.{e}.gate_proj.weight"],
-                                        weights[f"{prefix}.{e}.up_proj.weight"]], 0) for e in range(n)]
-                    names = [f"{prefix}.{e}.{w}_proj.weight" for e in range(n) for w in ("gate", "up")]
-                else:
-                    parts = [weights[f"{prefix}.{e}.down_proj.weight"] for e in range(n)]
-                    names = [f"{prefix}.{e}.down_proj.weight" for e in range(n)]
-                src = torch.stack(parts)
-                seen.update(names)
-            else:
-                src = weights[key]
-                seen.add(key)
-            if src.shape != param.shape:
-                raise ValueError(f"{key}: weights {tuple(src.shape)} != model {tuple(param.shape)}")
-            param.copy_(src)
-    unused = set(weights) - seen
-    if unused:
-        raise ValueError(f"weights not used by the HF model: {sorted(unused)[:5]}")
-
-
 class _MasterWeights:
     """fp32 master weights, gradients and AdamW for a bf16 model: what megatron's Float16Module + distributed
     optimizer do for ours (bf16 weights and compute, fp32 gradient copy, fp32 update, copy back)."""
@@ -586,7 +512,8 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from pretrain.models.hf import hf_config_from_model
+    from pretrain.models.decoder.compile import compile_layers
+    from pretrain.models.hf import hf_config_from_model, load_hf_module_weights
 
     on_gpu = torch.cuda.is_available()
     dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -612,7 +539,7 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
         with dev:
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         if weights is not None:
-            _load_hf_weights(model, weights)
+            load_hf_module_weights(model, weights)
             result["weights"] = "same as ours"
         model.train()
         result["attn_implementation"] = model.config._attn_implementation
@@ -622,7 +549,8 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         result["recompute"] = "full (gradient checkpointing)" if args.recompute == "full" else "none"
         if args.compile:
-            result["compiled"] = _compile_peer_layers(model.model.layers, moe)
+            # The scope trainer.compile gives ours: per decoder layer (MoE: per attention block).
+            result["compiled"] = compile_layers(model.model.layers, moe=moe, attention="self_attn")
         o = job.optim
         params = list(model.parameters())  # tied embedding counted once
 
@@ -672,31 +600,9 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
-def command_line(argv: list[str]) -> str:
-    """The command that reproduces the measurement: argv without the output options (--json, --record...)."""
-    kept, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        name = a.split("=", 1)[0]
-        if name in ("--record",):
-            continue
-        if name in ("--json", "--record-to"):
-            # --json takes an optional value: skip the next token only if it is not another option.
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            skip = "=" not in a and nxt is not None and (name == "--record-to" or not nxt.startswith("--"))
-            continue
-        kept.append(a)
-    return "python benchmarks/bench_throughput.py " + shlex.join(kept)
-
-
 def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
-    if override_tflops is not None:
-        return override_tflops * 1e12
-    if device_name is None:
-        return None
-    return next((v for k, v in PEAK_BF16_DENSE_FLOPS if k in device_name), None)
+    """``--peak-tflops``, else the GPU's dense BF16 peak (``pretrain.plan.hardware``)."""
+    return override_tflops * 1e12 if override_tflops is not None else peak_bf16_flops(device_name)
 
 
 def _add_mfu(side: dict, fpt: float, fpt_causal: float, peak: float | None, matmul: float | None = None) -> None:
@@ -755,13 +661,11 @@ def print_table(doc: dict, out=sys.stdout) -> None:
             print(f"{side['name']} attention ops/kernels: {', '.join(shown[:5])}", file=out)
 
 
-def record_row(doc: dict, path: Path = RESULTS_MD) -> None:
+def record_row(doc: dict, path: Path = harness.RESULTS_MD) -> None:
     """Append one row to RESULTS.md, under this benchmark's header; append only (never rewrites the file).
 
     If the file's last section is another benchmark's, a new copy of our header and table head goes first.
     """
-    import fcntl
-
     header = "## bench_throughput: training step tokens/s, MFU, peak memory (ours vs HF transformers)"
     head = ("| date (UTC) | device | command | ours tok/s | ours MFU | ours MFU causal | ours of matmul ceiling | "
             "ours peak GiB | peer tok/s | peer MFU | peer MFU causal | peer peak GiB | ours/peer | notes |\n"
@@ -791,22 +695,9 @@ def record_row(doc: dict, path: Path = RESULTS_MD) -> None:
     cells = [doc["date"][:16].replace("T", " "), doc["machine"]["device"], f"`{doc['command']}`", *figures,
              _fmt(doc.get("ratio_tokens_per_s_ours_over_peer"), ".2f", "-"), notes]
     row = "| " + " | ".join(cells) + " |\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        text = f.read()
-        sections = [line for line in text.splitlines() if line.startswith("## ")]
-        ours_last = bool(sections) and sections[-1] == header and text.rstrip("\n").splitlines()[-1].startswith("|")
-        prefix = ""
-        if not ours_last:
-            if text and not text.endswith("\n"):
-                prefix = "\n"
-            prefix += "\n" + header + "\n\nAppended by `benchmarks/bench_throughput.py --record` "
-            prefix += "(see benchmarks/README.md).\n\n" + head
-        f.seek(0, os.SEEK_END)
-        f.write(prefix + row)
-        fcntl.flock(f, fcntl.LOCK_UN)
+    opening = (f"\n{header}\n\nAppended by `benchmarks/bench_throughput.py --record` (see benchmarks/README.md)."
+               f"\n\n{head}")
+    harness.append_results(row, path, section=header, opening=opening)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -850,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     count = param_count(job.model, job.model.vocab_size)
     doc = {
         "benchmark": "bench_throughput",
-        "command": command_line(args.argv),
+        "command": harness.command_line("bench_throughput.py", args.argv, OUTPUT_OPTIONS),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {
             "model": job.model.name, "layers": job.model.num_layers, "seq_len": args.seq_len,
@@ -887,16 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     if "tokens_per_s" in ours and "tokens_per_s" in peer:
         doc["ratio_tokens_per_s_ours_over_peer"] = ours["tokens_per_s"] / peer["tokens_per_s"]
         doc["loss_step0_abs_diff"] = abs(ours["loss_step0"] - peer["loss_step0"])
-    if args.json is not None:
-        if args.json == "-":
-            print(json.dumps(doc, indent=2, default=str))
-        elif args.json.endswith(".jsonl"):  # one line per run, appended (the GPU script collects runs so)
-            with open(args.json, "a", encoding="utf-8") as f:
-                f.write(json.dumps(doc, default=str) + "\n")
-        else:
-            Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    if args.json != "-":
-        print_table(doc)
+    harness.emit(doc, args.json, lambda: print_table(doc))
     if args.record:
         record_row(doc, args.record_to)
     return 1 if any("error" in side for side in results.values()) else 0

@@ -26,11 +26,12 @@ from typing import Callable
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def job(overrides: list[str], *, world_size: int = 1, model: dict | None = None):
+def job(overrides: list[str], *, world_size: int = 1, model: dict | Callable[..., dict] | None = None):
     """The ``JobConfig`` that ``python -m pretrain OVERRIDES`` would run on ``world_size`` processes.
 
-    ``model``: ``ModelConfig`` fields to replace after composing, for values that depend on the composed preset
-    (a layer cut, a vocabulary for presets that take it from the data).
+    ``model``: ``ModelConfig`` fields to replace after composing, before the job is validated; a function of the
+    composed ``ModelConfig`` that returns them where they depend on the preset (a vocabulary for presets that
+    take it from the data, a longer ``max_seq_len``).
     """
     from hydra import compose, initialize_config_module
 
@@ -41,8 +42,9 @@ def job(overrides: list[str], *, world_size: int = 1, model: dict | None = None)
     with initialize_config_module(config_module="conf", version_base=None):
         cfg = compose("config", overrides=list(overrides))
     composed = to_object(cfg)
-    if model:
-        composed.model = dataclasses.replace(composed.model, **model)
+    changes = model(composed.model) if callable(model) else model
+    if changes:
+        composed.model = dataclasses.replace(composed.model, **changes)
     validate_job(composed, world_size)
     return composed
 

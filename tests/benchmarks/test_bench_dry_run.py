@@ -7,7 +7,6 @@ step-0 loss in fp32 -- which is what makes the ours/peer ratio on the GPU an app
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -98,10 +97,9 @@ def test_table_printed(dry_runs):
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import benchmarks.bench_throughput as bench
+
+    return bench
 
 
 def _doc(command: str) -> dict:
@@ -134,12 +132,21 @@ def test_record_appends_only(tmp_path):
 
 
 def test_peak_table():
-    bench = _bench_module()
+    bench = _bench_module()  # the table is pretrain.plan.hardware's (the trainer's MFU uses it too)
     assert bench.peak_flops("NVIDIA H100 80GB HBM3", None) == 989.4e12
     assert bench.peak_flops("NVIDIA H100 PCIe", None) == 756e12
     assert bench.peak_flops("NVIDIA H200", None) == 989.4e12
     assert bench.peak_flops("Some Future GPU", None) is None
     assert bench.peak_flops("NVIDIA H100 80GB HBM3", 500) == 500e12
+    assert bench.peak_flops(None, None) is None  # the CPU
+
+
+def test_command_line_drops_where_results_went():
+    bench = _bench_module()
+    argv = ["--model", "qwen2_0_5b", "--json", "--record", "--record-to", "x.md", "--json=out.json", "--steps", "5",
+            "--json", "-", "--override", "trainer.compile=true"]
+    assert bench.harness.command_line("bench_throughput.py", argv, bench.OUTPUT_OPTIONS) == (
+        "python benchmarks/bench_throughput.py --model qwen2_0_5b --steps 5 --override trainer.compile=true")
 
 
 def test_real_preset_shape(dry_runs):

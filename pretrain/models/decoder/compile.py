@@ -11,25 +11,32 @@ log = logging.getLogger("pretrain")
 
 
 def apply_compile(chunks: list[torch.nn.Module], *, moe: bool) -> str:
-    """Compile every transformer layer of ``chunks`` (bare ``GPTModel``s); returns the scope, for logs.
+    """Compile every transformer layer of ``chunks`` (bare ``GPTModel``s) as :func:`compile_layers` says;
+    returns the scope, for logs."""
+    _skip_megatron_warnings_when_compiling()
+    layers = [layer for chunk in chunks for layer in chunk.decoder.layers]
+    scope = compile_layers(layers, moe=moe, attention="self_attention")
+    log.info("torch.compile: %s", scope)
+    return scope
 
-    MoE: only each layer's attention block. megatron-core's token dispatch is data-dependent (tokens per
-    expert: ``.item()``, ``masked_select``), which breaks the graph and recompiles on every step.
-    Every layer is a new ``self`` for the same code, and train/eval mode is guarded on too, so the
-    recompile limit is raised above 2 x layers: otherwise layers past the limit silently run eager.
-    Compilation itself is lazy (first forward).
+
+def compile_layers(layers: list[torch.nn.Module], *, moe: bool, attention: str) -> str:
+    """``torch.compile`` each decoder layer in place (MoE: only its attention block, the attribute named
+    ``attention``); returns the scope. Any decoder with this shape of layer takes it: ours, or transformers'
+    (``attention="self_attn"``: the benchmarks give their peer the same scope).
+
+    MoE: megatron-core's token dispatch is data-dependent (tokens per expert: ``.item()``, ``masked_select``),
+    which breaks the graph and recompiles on every step. Every layer is a new ``self`` for the same code, and
+    train/eval mode is guarded on too, so the recompile limit is raised above 2 x layers: otherwise layers
+    past the limit silently run eager. Compilation itself is lazy (first forward).
     """
     import torch._dynamo.config as dynamo_config
 
-    layers = [layer for chunk in chunks for layer in chunk.decoder.layers]
     limit = max(dynamo_config.recompile_limit, 2 * len(layers) + 8)
     dynamo_config.recompile_limit = dynamo_config.cache_size_limit = limit
-    _skip_megatron_warnings_when_compiling()
     for layer in layers:
-        (layer.self_attention if moe else layer).compile()
-    scope = f"{len(layers)} x {'attention block' if moe else 'transformer layer'}"
-    log.info("torch.compile: %s", scope)
-    return scope
+        (getattr(layer, attention) if moe else layer).compile()
+    return f"{len(layers)} x {'attention block' if moe else 'transformer layer'}"
 
 
 def _skip_megatron_warnings_when_compiling() -> None:

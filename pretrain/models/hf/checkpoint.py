@@ -46,6 +46,34 @@ def hf_state_dict_from_module(hf_model: torch.nn.Module) -> dict[str, torch.Tens
     return state
 
 
+def load_hf_module_weights(hf_model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy checkpoint-named weights (one key per expert, no tied ``lm_head``: what
+    :func:`hf_state_dict_from_module` and ``to_hf`` give) into a live transformers model, stacking the experts
+    where it keeps them fused. Raises :class:`ConversionError` on a shape that differs or a weight left unused."""
+    tied = getattr(hf_model.config, "tie_word_embeddings", False)
+    used = set()
+    with torch.no_grad():
+        for key, param in hf_model.state_dict().items():
+            if tied and key == "lm_head.weight":
+                continue
+            m = _FUSED_EXPERTS.match(key)
+            if m:  # the inverse of _unfuse_experts
+                prefix, kind = m.groups()
+                parts = ("gate", "up") if kind == "gate_up_proj" else ("down",)
+                names = [[f"{prefix}.{e}.{w}_proj.weight" for w in parts] for e in range(param.shape[0])]
+                src = torch.stack([torch.cat([state[n] for n in expert], 0) for expert in names])
+                used.update(n for expert in names for n in expert)
+            else:
+                src = state[key]
+                used.add(key)
+            if src.shape != param.shape:
+                raise ConversionError(f"{key}: weights {tuple(src.shape)} != model {tuple(param.shape)}")
+            param.copy_(src)
+    unused = set(state) - used
+    if unused:
+        raise ConversionError(f"weights not used by the HF model: {sorted(unused)[:5]}")
+
+
 class HFCheckpoint(Mapping):
     """A Hugging Face checkpoint directory read lazily: ``ckpt[name]`` loads one tensor from safetensors.
 
