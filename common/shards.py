@@ -6,6 +6,7 @@ A data-stage output directory::
     tokenizer.json
     shards/00000_tokens.bin   token ids (``Manifest.dtype``), documents back to back, EOS after each
     shards/00000_tokens.idx   megatron-core's index: header, sequence lengths, pointers, document indices
+    token_scan.json           the trainer's check: each shard's largest id, keyed by the .bin's size/mtime/inode
 
 Both sides import this module, and it imports only numpy and :mod:`common.errors`: no torch or megatron-core
 (a data-stage task starts in a second). megatron-core's ``IndexedDataset`` is what reads the shards for
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -32,6 +34,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 """The manifest layout this code writes. A manifest without ``version`` (written before it existed) has the
 same layout and reads as version 0; a higher version than this one is refused (a newer data_pipeline wrote it)."""
+SCAN_CACHE_NAME = "token_scan.json"
 
 IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core indexed_dataset._INDEX_HEADER
 IDX_VERSION = 1
@@ -323,7 +326,7 @@ def check_shard(prefix: Path, *, documents: int | None, tokens: int | None, dtyp
                 manifest: Path | None = None) -> ShardIndex:
     """``prefix``.idx/.bin are a complete megatron shard that agrees with its manifest, or DataError naming the
     file. ``documents``/``tokens``/``dtype``: what the manifest says (None: not recorded). Cheap: reads the
-    .idx and the .bin's size, not its tokens (:func:`max_token_id`)."""
+    .idx and the .bin's size, not its tokens (:func:`largest_ids`)."""
     idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     for f in (idx, bin_):
         if not f.is_file():
@@ -351,17 +354,54 @@ def max_token_id(bin_path: Path, dtype) -> int | None:
     return int(np.memmap(bin_path, dtype=dtype, mode="r").max())
 
 
+def largest_ids(root: Path, indexes: list[ShardIndex]) -> dict[Path, int | None]:
+    """Each shard's largest id, scanned once per version of its .bin: the answers are kept in
+    ``root/token_scan.json`` keyed by the .bin's size, mtime and inode (and dtype): the launcher's check scans,
+    the ranks' checks and later runs read the answer. A shard rewritten in a way that changes one of those is
+    scanned again; a directory that cannot be written is scanned by every check."""
+    cache_path = Path(root) / SCAN_CACHE_NAME
+    try:
+        cache = json.loads(cache_path.read_text())
+        entries = cache["shards"] if cache.get("version") == 1 and isinstance(cache.get("shards"), dict) else {}
+    except (OSError, ValueError, AttributeError, KeyError):
+        entries = {}  # absent, or damaged: scan again
+    out, scanned, t0 = {}, [], time.perf_counter()
+    for index in indexes:
+        bin_ = Path(f"{index.prefix}.bin")
+        st = bin_.stat()
+        key = os.path.relpath(index.prefix, root)
+        identity = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "dtype": index.dtype.name}
+        hit = entries.get(key)
+        if isinstance(hit, dict) and hit.get("file") == identity:
+            out[index.prefix] = hit.get("max_id")
+            continue
+        out[index.prefix] = max_token_id(bin_, index.dtype)
+        entries[key] = {"file": identity, "max_id": out[index.prefix]}
+        scanned.append(st.st_size)
+    if scanned:
+        seconds = time.perf_counter() - t0
+        try:  # a temporary name of its own: ranks of one job may write at once
+            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": 1, "shards": entries}, indent=1) + "\n")
+            os.replace(tmp, cache_path)
+            kept = f"kept in {cache_path}"
+        except OSError as exc:
+            kept = f"not kept ({exc}): every check scans again"
+        log.info("token scan: %d shard(s), %.1f MB read in %.2f s; largest ids %s", len(scanned), sum(scanned) / 1e6,
+                 seconds, kept)
+    return out
+
+
 def check_output(root: str | os.PathLike, manifest: Manifest | None = None, *, scan: bool = True) -> Manifest:
     """Every shard of the data-stage output at ``root``, as :func:`check_shard`, and (``scan``) no id at or
-    above the manifest's ``vocab_size`` (:func:`max_token_id`). Returns the manifest; DataError naming the file."""
+    above the manifest's ``vocab_size`` (:func:`largest_ids`). Returns the manifest; DataError naming the file."""
     root = Path(root)
     manifest = manifest if manifest is not None else Manifest.read(root)
     where = root / MANIFEST_NAME
     indexes = [check_shard(root / s.prefix, documents=s.documents, tokens=s.tokens, dtype=manifest.dtype,
                            manifest=where) for s in manifest.shards]
     if scan:
-        for index in indexes:
-            prefix, largest = index.prefix, max_token_id(Path(f"{index.prefix}.bin"), index.dtype)
+        for prefix, largest in largest_ids(root, indexes).items():
             if largest is not None and largest >= manifest.vocab_size:
                 raise DataError(f"{prefix}.bin holds token id {largest}, but its manifest says vocab_size="
                                 f"{manifest.vocab_size} (shards and manifest come from different tokenizers?)")

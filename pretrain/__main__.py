@@ -66,7 +66,8 @@ def run(job: JobConfig, run_dir: Path, resolved_config: str | None = None) -> No
     # Shards, vocabulary, init_from; the shape of the checkpoint it resumes from is checked in build_trainer,
     # after the ranks chose it together (verifying it here would read it once per rank).
     preflight.check_job(job, resumes=preflight.has_checkpoint(run_dir / "checkpoints"))
-    check_blend(job.data, shards, validation=bool(job.trainer.eval_every))  # a split part with no documents
+    # A split part with no documents is refused; the plan is kept, so build_datasets reads no .idx again.
+    shards = shards.with_blend(check_blend(job.data, shards, validation=bool(job.trainer.eval_every)))
     check_before_launch(job, world_size_from_env(), shards.vocab_size)  # predicted not to fit the GPU: refused
     if resolved_config is not None:  # only now: a refused job leaves the run directory as it was
         (run_dir / "resolved_config.yaml").write_text(resolved_config)
@@ -109,7 +110,8 @@ def main(cfg: DictConfig) -> None:
             preflight.check_job(job, resume_from=latest)  # every check a rank would make, before any starts
             shards = Shards.from_config(job.data)
             check_blend(job.data, shards, validation=bool(job.trainer.eval_every))
-            check_before_launch(job, nproc, shards.vocab_size)
+            # Refuses a layout that cannot fit; the prediction itself is logged by rank 0 (every launch has one).
+            check_before_launch(job, nproc, shards.vocab_size, log_prediction=False)
             _launch_local(nproc, run_dir, sweep_overrides)
             return
         run(job, run_dir, OmegaConf.to_yaml(cfg, resolve=True) if rank == 0 else None)

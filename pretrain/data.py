@@ -9,10 +9,13 @@ loops forever on a split part with no tokens, so the blend of each split is plan
 (:func:`plan_blend`): a shard whose part of a split is empty is left out of that split's blend and its
 source's weight is spread over the source's other shards; a source with no training documents is a
 ``ConfigError``; a source with no validation documents is left out of validation (a warning names it)
-and only when no source has any is validation a ``ConfigError``. Nothing here can hang.
+and only when no source has any is validation a ``ConfigError``. Nothing here can hang. The plan is made
+once per process (:func:`check_blend`, which reads every shard's .idx) and carried to :func:`build_datasets`
+on :attr:`Shards.blend`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,8 @@ class Shards:
     vocab_size: int
     eod_id: int
     tokenizer_path: str
+    blend: "BlendPlan | None" = None
+    """Each split's blend once :func:`check_blend` planned it (:meth:`with_blend`); build_datasets uses it."""
 
     @classmethod
     def from_config(cls, data: DataConfig) -> "Shards":
@@ -82,6 +87,9 @@ class Shards:
             eod_id=first.eod_id,
             tokenizer_path=str(Path(data.paths[0]) / first.tokenizer),
         )
+
+    def with_blend(self, blend: "BlendPlan") -> "Shards":
+        return dataclasses.replace(self, blend=blend)
 
 
 @dataclass(frozen=True)
@@ -148,13 +156,27 @@ def plan_blend(data: DataConfig, shards: Shards, split: Split) -> SplitBlend | N
     return SplitBlend(split, prefixes, weights, shares)
 
 
-def check_blend(data: DataConfig, shards: Shards, *, validation: bool) -> None:
-    """Everything :func:`build_datasets` would refuse, before any process starts (reads only .idx files)."""
-    plan_blend(data, shards, Split.train)
-    if validation and plan_blend(data, shards, Split.valid) is None:
+@dataclass(frozen=True)
+class BlendPlan:
+    """The blends of the splits training uses, and what they were planned for."""
+
+    split: str
+    """``data.split`` they were planned under."""
+    train: SplitBlend
+    valid: SplitBlend | None
+    """None when validation was not planned (``validation=False``)."""
+
+
+def check_blend(data: DataConfig, shards: Shards, *, validation: bool) -> BlendPlan:
+    """Everything :func:`build_datasets` would refuse, before any process starts (reads only .idx files).
+    Returns the plan: pass it on with ``shards.with_blend(plan)``, and build_datasets reads no .idx again."""
+    train = plan_blend(data, shards, Split.train)
+    valid = plan_blend(data, shards, Split.valid) if validation else None
+    if validation and valid is None:
         raise ConfigError(f"data.split={data.split!r} leaves no validation documents in any shard of data.paths "
                           "(each shard is split by its own document count): raise the validation share, "
                           "or set trainer.eval_every=0")
+    return BlendPlan(data.split, train, valid)
 
 
 class _EodOnly:
@@ -191,13 +213,15 @@ def _build_split(data: DataConfig, shards: Shards, blend: SplitBlend, *, seed: i
 
 def build_datasets(data: DataConfig, shards: Shards, *, seed: int, train_samples: int, valid_samples: int,
                    cache_dir: str) -> tuple[GPTDataset, GPTDataset | None]:
-    check_blend(data, shards, validation=valid_samples > 0)
-    train = _build_split(data, shards, plan_blend(data, shards, Split.train), seed=seed, num_samples=train_samples,
-                         cache_dir=cache_dir)
+    """The training (and validation) datasets, from ``shards.blend`` when :func:`check_blend` planned it for
+    this ``data.split`` (else planned here)."""
+    plan = shards.blend
+    if plan is None or plan.split != data.split or (valid_samples and plan.valid is None):
+        plan = check_blend(data, shards, validation=valid_samples > 0)
+    train = _build_split(data, shards, plan.train, seed=seed, num_samples=train_samples, cache_dir=cache_dir)
     valid = None
     if valid_samples:
-        valid = _build_split(data, shards, plan_blend(data, shards, Split.valid), seed=seed,
-                             num_samples=valid_samples, cache_dir=cache_dir)
+        valid = _build_split(data, shards, plan.valid, seed=seed, num_samples=valid_samples, cache_dir=cache_dir)
     return train, valid
 
 

@@ -3,7 +3,8 @@ process) and again in each rank before ``init_distributed``, so bad input is one
 
 * token shards (``data error``): every shard its manifest lists exists, its ``.idx`` header is megatron's
   (magic, version, dtype) and agrees with the manifest (documents, tokens, dtype), its ``.bin`` holds
-  exactly those tokens (:func:`common.shards.check_output`), and no id reaches the manifest's ``vocab_size``;
+  exactly those tokens (:func:`common.shards.check_output`), and no id reaches the manifest's ``vocab_size``
+  (a full scan once per shard version, kept in ``token_scan.json``: the ranks read what the launcher found);
 * the vocabulary (``config error``): ``model.vocab_size`` against the tokenizer and ``parallel.tp``;
 * ``model.init_from`` (``config error``): the folder exists, is readable (a truncated safetensors or
   ``.distcp`` file is found from its header/metadata), has this model's shape and enough vocabulary rows;
@@ -26,7 +27,8 @@ from pretrain.models.config import ModelConfig
 # --------------------------------------------------------------------------------------------------
 def check_shards(data: DataConfig) -> None:
     """Every shard of every ``data.paths`` output, as :func:`common.shards.check_output`: the .idx headers
-    and sizes against the manifest, and the largest token id against its ``vocab_size``."""
+    and sizes against the manifest, and the largest token id against its ``vocab_size`` (scanned once per
+    shard version, then read from ``token_scan.json``: the launcher scans, the ranks and later runs do not)."""
     for path in data.paths:
         check_output(path)
 

@@ -43,7 +43,9 @@ def _device_gpu():
     return None
 
 
-def check_before_launch(job, world_size: int, vocab: int, *, gpu=None) -> None:
+def check_before_launch(job, world_size: int, vocab: int, *, gpu=None, log_prediction: bool = True) -> None:
+    """ConfigError if the layout is predicted not to fit ``gpu`` (default: this machine's); else log the
+    prediction, unless ``log_prediction`` is False (the local launcher: rank 0 logs it, once per job)."""
     from pretrain.models.decoder.model import padded_vocab_size
     from pretrain.plan.search import estimate, plan
 
@@ -53,6 +55,8 @@ def check_before_launch(job, world_size: int, vocab: int, *, gpu=None) -> None:
     lay = layout_of(job, dp)
     gpu = gpu or _device_gpu()
     if gpu is None:  # CPU (or an unknown GPU): log what the planner expects this rank to hold
+        if not log_prediction:
+            return
         states = model_states(job.model, vocab, lay, bf16=bf16)
         log.info("planner: model states per rank (pipeline rank 0) predicted: weights %.2f MiB, gradients %.2f MiB, "
                  "master weights %.2f MiB, optimizer state %.2f MiB", *(x / 2**20 for x in (
@@ -61,7 +65,9 @@ def check_before_launch(job, world_size: int, vocab: int, *, gpu=None) -> None:
     est = estimate(job.model, vocab, lay, gpu, seq_len=job.data.seq_len,
                    global_batch_size=job.trainer.global_batch_size, bf16=bf16, reserved_gib=4.0)
     if est.feasible:
-        log.info("planner: %.1f GiB per GPU predicted of %.1f (%s)", est.memory["total"], gpu.memory_gib, gpu.name)
+        if log_prediction:
+            log.info("planner: %.1f GiB per GPU predicted of %.1f (%s)", est.memory["total"], gpu.memory_gib,
+                     gpu.name)
         return
     fits = [e for e in plan(job.model, vocab, gpu, gpus=world_size, seq_len=job.data.seq_len,
                             global_batch_size=job.trainer.global_batch_size, bf16=bf16) if e.feasible]

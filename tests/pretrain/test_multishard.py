@@ -8,6 +8,7 @@ rounding gives it no validation document: before this was planned, training hung
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -156,6 +157,32 @@ def test_a_split_that_empties_a_source_is_a_config_error(sources):
     with pytest.raises(ConfigError, match="leaves no validation documents in any shard"):
         check_blend(job.data, Shards.from_config(job.data), validation=True)
     check_blend(job.data, Shards.from_config(job.data), validation=False)  # no evaluation: nothing to refuse
+
+
+def _plan_then_build(rank: int, world_size: int, job, cache_dir: str) -> list[int]:
+    """.idx reads (split_tokens calls) of the check, of a build given its plan, and of a build without one."""
+    import pretrain.data as data
+
+    calls, split_tokens = [], data.split_tokens
+    data.split_tokens = lambda prefix, bookends: calls.append(prefix) or split_tokens(prefix, bookends)
+    shards = data.Shards.from_config(job.data)
+    counts = []
+    for step in ("check", "build with plan", "build without plan"):
+        if step == "check":
+            shards = shards.with_blend(data.check_blend(job.data, shards, validation=True))
+        else:
+            use = shards if step == "build with plan" else dataclasses.replace(shards, blend=None)
+            data.build_datasets(job.data, use, seed=1, train_samples=64, valid_samples=8, cache_dir=cache_dir)
+        counts.append(len(calls))
+        calls.clear()
+    return counts
+
+
+def test_the_blend_is_planned_once_per_process(sources, tmp_path):
+    """run() keeps check_blend's plan on the Shards it hands to build_trainer: building reads no .idx again."""
+    job = _job([sources["web"], sources["books"]])
+    (counts,) = run_distributed(_plan_then_build, 1, job, str(tmp_path), timeout=300)
+    assert counts == [12, 0, 12]  # 6 shards x (train, validation)
 
 
 def test_small_source_without_validation_documents_trains_instead_of_hanging(sources, tmp_path):

@@ -120,6 +120,46 @@ def test_damaged_shards_are_one_data_error(shards, damage):
     assert "\n" not in str(err.value)
 
 
+def test_token_scan_runs_once_per_shard_version(shards, monkeypatch):
+    """The launcher's check scans every token; the ranks' checks (and later runs) read the answer from
+    token_scan.json while the .bin keeps its size, mtime and inode, and scan again once it changes."""
+    import common.shards
+
+    scans = []
+    scan = common.shards.max_token_id
+    monkeypatch.setattr(common.shards, "max_token_id", lambda *a: scans.append(a[0].name) or scan(*a))
+    data = DataConfig(paths=[str(shards)])
+    preflight.check_shards(data)
+    assert scans == ["shard_00000.bin"] and (shards / "token_scan.json").is_file()
+    # The cached largest id is compared with the manifest of the day: a smaller vocab_size needs no new scan.
+    manifest = _manifest(shards)
+    expected = _small_vocab(shards)
+    with pytest.raises(DataError, match=re.escape(expected)):
+        preflight.check_shards(data)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    # An id past the vocabulary written in place, size and mtime kept: the cached answer is used (no scan).
+    f = shards / "shard_00000.bin"
+    st = f.stat()
+    with f.open("r+b") as out:
+        out.write(np.array([9999], dtype=np.int32).tobytes())
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    preflight.check_shards(data)
+    assert scans == ["shard_00000.bin"]
+    # A shard that changed (here its mtime) is scanned again, and the bad id is found.
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(DataError, match="shard_00000.bin holds token id 9999, but its manifest says vocab_size=256"):
+        preflight.check_shards(data)
+    assert scans == ["shard_00000.bin"] * 2
+
+
+def test_damaged_token_scan_cache_means_a_new_scan(shards):
+    data = DataConfig(paths=[str(shards)])
+    preflight.check_shards(data)
+    (shards / "token_scan.json").write_text("{damaged")
+    preflight.check_shards(data)
+    assert json.loads((shards / "token_scan.json").read_text())["shards"]["shard_00000"]["max_id"] == 255  # the EOD id
+
+
 # --------------------------------------------------------------------------------------------------
 # Vocabulary
 # --------------------------------------------------------------------------------------------------
@@ -249,6 +289,19 @@ def test_cli_bad_data_or_vocab_is_one_line_before_launch(tmp_path, case):
     assert expected in one_error_line(proc, prefix)
     assert "starting 2 local processes" not in proc.stdout + proc.stderr
     assert not (run / "checkpoints").exists() and not (run / "resolved_config.yaml").exists()
+
+
+def test_cli_launch_checks_once_and_logs_the_planner_once(tmp_path):
+    """Two local processes: the launcher scans the tokens and plans; rank 0 reads the scan from token_scan.json
+    (no second 'token scan' line) and is the one place the planner's prediction is logged."""
+    data = write_learnable_shards(tmp_path / "shards", vocab_size=256, documents=32, doc_len=100)
+    proc = cli(f"data.paths=[{data}]", f"hydra.run.dir={tmp_path / 'run'}", "trainer.steps=1", "data.seq_len=64",
+               "trainer.wandb.mode=disabled", "trainer.eval_every=0", "trainer.plot_loss=false")  # default: tp2
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "starting 2 local processes" in out
+    assert out.count("token scan: 1 shard(s)") == 1, out[-4000:]
+    assert out.count("planner: model states per rank") == 1, out[-4000:]
 
 
 # `+key=` composes (Hydra's own advice for an unknown key) and is refused when the typed config is built.
