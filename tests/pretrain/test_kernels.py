@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from common.errors import ConfigError
+from jobs import STEPS, batches, make_job, start
 from parallel.testing import run_distributed
-
-SEQ, GBS, MBS, STEPS, VOCAB = 32, 4, 2, 2, 256
 
 MOE = dict(num_layers=1, num_experts=4, moe_topk=2, moe_ffn_hidden_size=64, shared_expert_ffn_hidden_size=64)
 # name -> (model overrides, trainer overrides, optim overrides)
@@ -38,32 +37,7 @@ CASES = {
 
 
 def _job(model: dict, trainer: dict, optim: dict):
-    from parallel.config import ParallelConfig
-    from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig, WandbConfig
-    from pretrain.models.config import ModelConfig
-
-    return JobConfig(
-        model=ModelConfig(**{"vocab_size": VOCAB, "num_layers": 2, **model}),
-        data=DataConfig(seq_len=SEQ),
-        parallel=ParallelConfig(),
-        optim=OptimConfig(lr=1e-3, eps=1e-6, warmup_steps=0, **optim),
-        trainer=TrainerConfig(**{"steps": STEPS, "micro_batch_size": MBS, "global_batch_size": GBS,
-                                 "wandb": WandbConfig(mode="disabled"), "plot_loss": False, "eval_every": 0,
-                                 **trainer}),
-    )
-
-
-def _batches(n: int) -> list[list[dict[str, torch.Tensor]]]:
-    g = torch.Generator().manual_seed(7)
-    out = []
-    for _ in range(n):
-        mbs = []
-        for _ in range(GBS // MBS):
-            seq = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=g)
-            mbs.append(dict(tokens=seq[:, :-1], labels=seq[:, 1:], loss_mask=(torch.rand(MBS, SEQ, generator=g) > 0.25)
-                            .float(), position_ids=torch.arange(SEQ).expand(MBS, SEQ)))
-        out.append(mbs)
-    return out
+    return make_job(model=model, trainer={"eval_every": 0, **trainer}, optim=optim)
 
 
 def _gpt(module):
@@ -122,18 +96,8 @@ def _load_expert_weights(module, weights: dict[str, torch.Tensor]) -> None:
 
 
 def _run_case(name: str, model: dict, trainer: dict, optim: dict, init: dict | None) -> dict:
-    from megatron.core import parallel_state as ps
-
-    from parallel.mesh import init_distributed
-    from pretrain.build import build_train_module
-    from pretrain.config import validate_job
-
     job = _job(model, trainer, optim)
-    validate_job(job, world_size=1)
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    init_distributed(job.parallel, seed=job.trainer.seed)
-    module = build_train_module(job, vocab_size=VOCAB)
+    module = start(job, world_size=1)
     if init is not None:
         _load_expert_weights(module, init)
     gpt = _gpt(module)
@@ -142,11 +106,11 @@ def _run_case(name: str, model: dict, trainer: dict, optim: dict, init: dict | N
            "config": {k: getattr(module.config, k) for k in ("bias_activation_fusion", "cross_entropy_loss_fusion",
                                                               "moe_grouped_gemm")},
            "chunk": gpt.cross_entropy_chunk}
-    batches = _batches(STEPS + 1)
-    out["steps"] = [dataclasses.asdict(module.train_batch(batches[0]))]
+    data = batches(STEPS + 1)
+    out["steps"] = [dataclasses.asdict(module.train_batch(data[0]))]
     out["grads_step1"] = _expert_weights(_GradView(gpt))  # from the same weights on both sides
-    out["steps"] += [dataclasses.asdict(module.train_batch(b)) for b in batches[1:STEPS]]
-    out["eval"] = module.evaluate(batches[-1:])
+    out["steps"] += [dataclasses.asdict(module.train_batch(b)) for b in data[1:STEPS]]
+    out["eval"] = module.evaluate(data[-1:])
     out["params"] = _expert_weights(gpt)
     # the last step's fp32 gradients (megatron's main_grad buffers; GroupedMLP's fused experts split as weights)
     out["grads"] = _expert_weights(_GradView(gpt))

@@ -18,10 +18,9 @@ import pytest
 import torch
 
 from common.errors import ConfigError
+from jobs import GBS, SEQ, STEPS, VOCAB, batches, make_job, start
 from parallel.testing import have_deepspeed, run_distributed
 from pretrain.testing import write_learnable_shards
-
-SEQ, GBS, MBS, STEPS, VOCAB = 32, 4, 2, 2, 256
 
 # name -> (parallel layout, trainer overrides, optim overrides)
 ONE_RANK = {
@@ -46,34 +45,7 @@ TWO_RANKS = {
 
 
 def _job(layout: dict, trainer: dict, optim: dict, **data):
-    from parallel.config import ParallelConfig
-    from pretrain.config import DataConfig, JobConfig, OptimConfig, TrainerConfig, WandbConfig
-    from pretrain.models.config import ModelConfig
-
-    return JobConfig(
-        model=ModelConfig(vocab_size=VOCAB, num_layers=2),
-        data=DataConfig(seq_len=SEQ, **data),
-        parallel=ParallelConfig(**layout),
-        # eps 1e-6: Adam divides by sqrt(v) + eps, so with 1e-8 a 1e-9 rounding difference in a near-zero
-        # gradient (another kernel's summation order) would move a weight by ~1e-4 (see test_layouts.py).
-        optim=OptimConfig(lr=1e-3, eps=1e-6, warmup_steps=0, **optim),
-        trainer=TrainerConfig(**{"steps": STEPS, "micro_batch_size": MBS, "global_batch_size": GBS,
-                                 "wandb": WandbConfig(mode="disabled"), "plot_loss": False, **trainer}),
-    )
-
-
-def _batches(n: int) -> list[list[dict[str, torch.Tensor]]]:
-    """``n`` global batches (one data-parallel rank: all of it) of random tokens, a quarter of the loss masked."""
-    g = torch.Generator().manual_seed(7)
-    out = []
-    for _ in range(n):
-        mbs = []
-        for _ in range(GBS // MBS):
-            seq = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=g)
-            mbs.append(dict(tokens=seq[:, :-1], labels=seq[:, 1:], loss_mask=(torch.rand(MBS, SEQ, generator=g) > 0.25)
-                            .float(), position_ids=torch.arange(SEQ).expand(MBS, SEQ)))
-        out.append(mbs)
-    return out
+    return make_job(layout=layout, trainer=trainer, optim=optim, **data)
 
 
 def _rng_states() -> list[torch.Tensor]:
@@ -87,29 +59,15 @@ def _params(module) -> dict[str, torch.Tensor]:
     return {f"{i}.{k}": p.detach().clone() for i, c in enumerate(module.chunks) for k, p in c.named_parameters()}
 
 
-def _start(job, world_size: int):
-    from megatron.core import parallel_state as ps
-
-    from parallel.mesh import init_distributed
-    from pretrain.build import build_train_module
-    from pretrain.config import validate_job
-
-    validate_job(job, world_size=world_size)
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    init_distributed(job.parallel, seed=job.trainer.seed)
-    return build_train_module(job, vocab_size=VOCAB)
-
-
 def _run_case(world_size: int, name: str, layout: dict, trainer: dict, optim: dict) -> dict:
     from torch._dynamo.utils import counters
 
-    module = _start(_job(layout, trainer, optim), world_size)
-    batches = _batches(STEPS + 1)
+    module = start(_job(layout, trainer, optim), world_size)
+    data = batches(STEPS + 1)
     breaks_before, graphs_before = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
-    out: dict = {"eval_before": module.evaluate(batches[-1:])}
-    out["steps"] = [dataclasses.asdict(module.train_batch(b)) for b in batches[:STEPS]]
-    out["eval_after"] = module.evaluate(batches[-1:])
+    out: dict = {"eval_before": module.evaluate(data[-1:])}
+    out["steps"] = [dataclasses.asdict(module.train_batch(b)) for b in data[:STEPS]]
+    out["eval_after"] = module.evaluate(data[-1:])
     out["config"] = {k: getattr(module.config, k) for k in ("recompute_granularity", "recompute_method",
                                                              "recompute_num_layers", "recompute_modules")}
     if hasattr(module, "engine"):  # DeepSpeed: no megatron chunks or optimizer; losses and evals compare
@@ -131,13 +89,13 @@ def _run_case(world_size: int, name: str, layout: dict, trainer: dict, optim: di
 
 def _eval_invariance(world_size: int) -> dict:
     """Train 2 steps with an evaluation before, between and after them, checking what eval may not touch."""
-    module = _start(_job({}, {}, {}), world_size)
-    batches = _batches(STEPS + 1)
+    module = start(_job({}, {}, {}), world_size)
+    data = batches(STEPS + 1)
     out = {"steps": [], "untouched": []}
-    for b in batches[:STEPS]:
+    for b in data[:STEPS]:
         params, rng = _params(module), _rng_states()
         grads = [p.main_grad.clone() for c in module.chunks for p in c.parameters()]
-        module.evaluate(batches[-1:])
+        module.evaluate(data[-1:])
         out["untouched"].append(
             all(torch.equal(a, b) for a, b in zip(params.values(), _params(module).values()))
             and all(torch.equal(a, b) for a, b in zip(rng, _rng_states()))
