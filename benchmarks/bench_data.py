@@ -48,27 +48,22 @@ import os
 import platform
 import pstats
 import shutil
-import struct
 import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import harness
+from data_pipeline.config import DEFAULT_CORPUS as CORPUS
 
-from data_pipeline.encoders import _version as _dist_version  # noqa: E402 - needs ROOT on sys.path
-
-CORPUS = ROOT / "data_pipeline" / "corpus" / "sample.jsonl"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 MACHINE = "2-core CPU (Debian 12, Python 3.11)"
 
 
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--corpus", default=str(CORPUS), help="JSONL with id, text, metadata.language")
+    p.add_argument("--corpus", default=CORPUS, help="JSONL with id, text, metadata.language")
     p.add_argument("--docs", type=int, default=None, help="only the first N documents")
     p.add_argument("--repeat", type=int, default=1, help="tokenize the corpus N times over")
     p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
@@ -142,27 +137,12 @@ def _write_task_inputs(folder: Path, records: list[dict], tasks: int) -> None:
                                    ensure_ascii=False) + "\n")
 
 
-def read_megatron_shard(prefix: Path) -> list[list[int]]:
-    """Per-document token ids of one Megatron .bin/.idx pair (datatrove's MegatronTokenizedFile layout)."""
-    import numpy as np
-
-    idx = Path(f"{prefix}.idx").read_bytes()
-    assert idx[:9] == b"MMIDIDX\x00\x00", prefix
-    code = idx[17]
-    (count,) = struct.unpack("<Q", idx[18:26])
-    lengths = np.frombuffer(idx, dtype=np.int32, count=count, offset=34)
-    dtype = {4: np.int32, 8: np.uint16}[code]
-    tokens = np.fromfile(f"{prefix}.bin", dtype=dtype)
-    ends = np.cumsum(lengths)
-    return [tokens[e - n:e].tolist() for n, e in zip(lengths.tolist(), ends.tolist())]
-
-
 def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], workers: int, backend: str):
     """(a): the pipeline's own tokenize stage with ``backend``, one task per worker process. Returns run()."""
     from data_pipeline.config import DataPipelineConfig, ExecutorConfig, TokenizerConfig
     from data_pipeline.pipeline import Layout, build_executors, build_stages
+    from common.shards import read_documents, shard_order
     from data_pipeline.readers import resolve_sources
-    from data_pipeline.tokenizer import shard_order
 
     tasks, count = workers, [0]
 
@@ -174,8 +154,8 @@ def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], work
         layout = Layout(root)
         _write_task_inputs(layout.kept, records, tasks)
         shutil.copyfile(tokenizer_json, layout.tokenizer)
-        sources = resolve_sources([str(CORPUS)], cfg.input.format)
-        stage = next(s for s in build_stages(cfg, layout, [str(CORPUS)], sources) if s.name == "tokenize")
+        sources = resolve_sources([CORPUS], cfg.input.format)
+        stage = next(s for s in build_stages(cfg, layout, [CORPUS], sources) if s.name == "tokenize")
         (executor,) = build_executors(cfg, [stage], layout)
         t0 = time.perf_counter()
         executor.run()
@@ -197,7 +177,7 @@ def stage_runner(cfg_root: Path, tokenizer_json: Path, records: list[dict], work
         ids = []
         for task in range(tasks):
             if Path(f"{layout.shards}/{task:05d}_tokens.idx").exists():
-                shard = read_megatron_shard(layout.shards / f"{task:05d}_tokens")
+                shard = [doc.tolist() for doc in read_documents(layout.shards / f"{task:05d}_tokens")]
                 in_input_order = [None] * len(shard)
                 for source, doc_ids in zip(shard_order(len(shard), seed, task), shard):  # shard[i] = input[order[i]]
                     in_input_order[source] = doc_ids
@@ -257,9 +237,10 @@ _TIKTOKEN = None
 
 def _tiktoken_init(path: str) -> None:
     global _TIKTOKEN
-    from data_pipeline.encoders import _tiktoken_encoding
+    from data_pipeline.encoders import TiktokenEncoder
 
-    _TIKTOKEN = _tiktoken_encoding(path, Path(path).stat().st_mtime_ns)
+    # The engine's own tiktoken Encoding (Qwen2's ranks and regex), used alone: no routing, no fallback.
+    _TIKTOKEN = TiktokenEncoder(path, None, specials=[], parse_special_tokens=False).encoding
 
 
 def _tiktoken_chunk(texts: list[str]) -> tuple[list[int], bytes]:
@@ -386,7 +367,7 @@ def bench_tokenize(args, records: list[dict], work: Path) -> dict:
         close_tiktoken()
 
     what = {"b_hf_encode_batch": f"HF tokenizers encode_batch (rayon, {cores} threads)",
-            "d_tiktoken": f"tiktoken {_dist_version('tiktoken')} encode_ordinary ({cores} processes)"}
+            "d_tiktoken": f"tiktoken {harness.dist_version('tiktoken')} encode_ordinary ({cores} processes)"}
     if "c_bpe_qwen" in runners:
         what["c_bpe_qwen"] = f"bpe-qwen {bq_version} encode_batch_parallel alone ({cores} threads)"
     rows = {}
@@ -715,29 +696,20 @@ def table(doc: dict) -> str:
 
 def record(doc: dict, text: str, args) -> None:
     """Append one section to benchmarks/RESULTS.md (never rewrites what is there)."""
-    argv, shown = list(doc["argv"]), []
-    while argv:  # where the JSON went is not part of the measurement
-        arg = argv.pop(0)
-        if arg == "--json":
-            if argv and not argv[0].startswith("-"):
-                argv.pop(0)
-        elif not arg.startswith("--json="):
-            shown.append(arg)
-    cmd = " ".join(["python benchmarks/bench_data.py", *shown])
+    cmd = harness.command_line("bench_data.py", doc["argv"], {"--json": "?"})  # where the JSON went: not measured
     la0, la1 = ("/".join(f"{x:.1f}" for x in doc["machine"][k]) for k in ("load_average_before", "load_average_after"))
     section = (f"\n## Data stage: Qwen2 tokenization, quality filters, MinHash (bench_data.py)\n\n"
                f"Command: `{cmd}`\n"
                f"Machine: {args.machine}; {doc['machine']['versions']}.\n"
                f"Date: {doc['date']}; load average (1/5/15 min) {la0} before, {la1} after (a shared machine: "
                f"timings are noisy, compare rows of one run).\n\n{text.rstrip()}\n")
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nSections are appended, newest last.\n")
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        f.write(section)
+    if not harness.RESULTS_MD.exists():
+        section = "# Benchmark results\n\nSections are appended, newest last.\n" + section
+    harness.append_results(section)
 
 
 def _versions() -> str:
-    versions = {n: _dist_version(n) for n in ("datatrove", "tokenizers", "spacy", "bpe-qwen")}
+    versions = {n: harness.dist_version(n) for n in ("datatrove", "tokenizers", "spacy", "bpe-qwen")}
     return ", ".join(f"{n} {v}" for n, v in versions.items() if v)
 
 
@@ -749,7 +721,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--skip: unknown section(s) {sorted(unknown)}")
     records = load_corpus(args.corpus, args.docs)
     load_before = os.getloadavg()
-    doc = {"benchmark": "bench_data", "argv": sys.argv[1:] if argv is None else list(argv),
+    doc = {"benchmark": "bench_data", "argv": harness.argv_of(argv),
            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
            "config": {k: v for k, v in vars(args).items() if k not in ("json", "record")}}
     failures = []
@@ -777,16 +749,7 @@ def main(argv=None) -> int:
                       "versions": _versions()}
     doc["failures"] = failures
     text = table(doc)
-    if args.json is not None:
-        body = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(body)
-        else:
-            Path(args.json).write_text(body + "\n")
-    if args.json != "-":
-        print(text)
-        for f in failures:
-            print(f"FAILED: {f}")
+    harness.emit(doc, args.json, lambda: "\n".join([text, *(f"FAILED: {f}" for f in failures)]))
     if args.record:
         record(doc, text, args)
     return 1 if failures else 0
