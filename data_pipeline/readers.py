@@ -8,11 +8,13 @@ other stage. Each file's drops are logged once, at the end of the file, with the
 had each problem.
 
 Before any work starts, :func:`resolve_sources` turns the input paths into one reader source per format
-found (``format=auto`` looks for both in a directory) and :func:`check_text_column` reads every Parquet
-file's schema, so a wrong ``text_key`` is one ``data error`` rather than a run that keeps nothing.
+found (``format=auto`` looks for both in a directory; files listed one by one are one source per format, so
+their files are spread over the tasks as a directory's are) and :func:`check_text_column` reads every
+Parquet file's schema, so a wrong ``text_key`` is one ``data error`` rather than a run that keeps nothing.
 """
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,24 @@ GLOBS = {"jsonl": "**/*.jsonl*", "parquet": "**/*.parquet"}
 
 
 class _CountingMixin:
-    """Counts each record a reader parses, and why one yields no document; logs each file's drops once."""
+    """Counts each record a reader parses, and why one yields no document; logs each file's drops once.
+    With ``files``, reads those paths (relative to the folder) instead of listing the folder."""
+
+    def __init__(self, *args, files: tuple[str, ...] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.files = tuple(files)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if not self.files:
+            yield from super().run(data, rank, world_size)
+            return
+        if data:
+            yield from data
+        # Spread over the tasks as datatrove spreads a folder's files (files[rank::world_size]); datatrove's
+        # own one-file reader would hand its file to task 0, so N listed files would all land in task 0.
+        for doc in self.read_files_shard(list(self.files[rank::world_size])):
+            self.update_doc_stats(doc)
+            yield doc
 
     def read_file(self, filepath: str):
         self._issues: dict[str, list] = {}  # reason -> [count, where the first was, what was wrong]
@@ -142,17 +161,28 @@ def _fields(record: dict) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """What one reader reads: ``glob`` under ``folder`` (for a single file, its name), as ``kind``."""
+    """What one reader reads, as ``kind``: the files matching ``glob`` under ``folder``, or ``files`` (paths
+    relative to ``folder``, in the order they were listed) when given."""
 
     folder: str
     glob: str
     kind: str
     """'jsonl' or 'parquet'."""
+    files: tuple[str, ...] = ()
+
+    def names(self) -> list[str]:
+        """The files this source reads, relative to ``folder``."""
+        if self.files:
+            return list(self.files)
+        return get_datafolder(self.folder).list_files(recursive=True, glob_pattern=self.glob)
 
 
-def _split(path: str) -> tuple[str, str]:
-    folder, _, name = path.rstrip("/").rpartition("/")
-    return folder or "/", name
+def _file_group(paths: list[str], kind: str) -> Source:
+    """One source for files listed one by one: their deepest common folder, and each file relative to it."""
+    scheme = paths[0].split("://", 1)[0] + "://" if "://" in paths[0] else ""
+    bare = [p.removeprefix(scheme) for p in paths]
+    folder = posixpath.commonpath([posixpath.dirname(p) or "/" for p in bare]) or "/"
+    return Source(scheme + folder, "", kind, tuple(posixpath.relpath(p, folder) for p in bare))
 
 
 def resolve_sources(paths: list[str], format: str) -> list[Source]:
@@ -160,12 +190,18 @@ def resolve_sources(paths: list[str], format: str) -> list[Source]:
     ('auto': Parquet for .parquet/.pq, else JSONL). A directory is read as every file of ``format`` under it
     (``GLOBS``); 'auto' looks for both formats, one source each. A directory without such files is a
     ConfigError that says which files were looked for."""
-    sources = []
+    # Files listed one by one: one reader per format and filesystem (bucket), placed where its first file was
+    # listed, so that datatrove spreads them over the tasks (a reader per file would give each to task 0).
+    sources, listed = [], {}
     for i, path in enumerate(paths):
         folder = get_datafolder(path)
         if folder.fs.isfile(folder.path):
             kind = format if format != "auto" else "parquet" if path.endswith((".parquet", ".pq")) else "jsonl"
-            sources.append(Source(*_split(path), kind))
+            key = (kind, "/".join(path.split("/", 3)[:3]) if "://" in path else "")
+            if key not in listed:
+                listed[key] = []
+                sources.append(key)
+            listed[key].append(path)
             continue
         kinds = ("jsonl", "parquet") if format == "auto" else (format,)
         found = [Source(path, GLOBS[k], k) for k in kinds if folder.list_files(recursive=True, glob_pattern=GLOBS[k])]
@@ -177,7 +213,7 @@ def resolve_sources(paths: list[str], format: str) -> list[Source]:
                 f"{' and '.join(GLOBS[k].removeprefix('**/') for k in kinds)} at any depth"
                 + (f"; it holds e.g. {', '.join(sample)}" if sample else "") + ")")
         sources += found
-    return sources
+    return [_file_group(listed[s], s[0]) if isinstance(s, tuple) else s for s in sources]  # key -> its reader
 
 
 def check_text_column(sources: list[Source], text_key: str) -> None:
@@ -189,7 +225,7 @@ def check_text_column(sources: list[Source], text_key: str) -> None:
         import pyarrow.parquet as pq  # only for Parquet input
 
         folder = get_datafolder(source.folder)
-        for name in folder.list_files(recursive=True, glob_pattern=source.glob):
+        for name in source.names():
             with folder.open(name, "rb") as f:
                 try:
                     columns = pq.read_schema(f).names
@@ -209,7 +245,7 @@ def first_record_fields(sources: list[Source], *, max_lines: int = 1000) -> list
 
     for source in sources:
         folder = get_datafolder(source.folder)
-        for name in folder.list_files(recursive=True, glob_pattern=source.glob)[:1]:
+        for name in source.names()[:1]:
             if source.kind == "parquet":
                 with folder.open(name, "rb") as f:
                     return pq.read_schema(f).names
@@ -227,8 +263,8 @@ def first_record_fields(sources: list[Source], *, max_lines: int = 1000) -> list
 def build_readers(sources: list[Source], *, text_key: str, id_key: str, limit: int, progress: bool) -> list:
     """One reader per source. Readers chain in a pipeline: each reads its share of its own files in every task."""
     classes = {"jsonl": CountingJsonlReader, "parquet": CountingParquetReader}
-    return [classes[s.kind](s.folder, glob_pattern=s.glob, text_key=text_key, id_key=id_key, limit=limit,
-                            doc_progress=progress) for s in sources]
+    return [classes[s.kind](s.folder, glob_pattern=s.glob or None, files=s.files, text_key=text_key, id_key=id_key,
+                            limit=limit, doc_progress=progress) for s in sources]
 
 
 def check_inputs(paths: list[str]) -> list[str]:

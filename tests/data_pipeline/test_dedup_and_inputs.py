@@ -56,3 +56,23 @@ def test_parquet_input_with_custom_field_names(tmp_path):
     assert sorted(d["text"] for d in kept) == sorted(texts)
     assert {d["id"] for d in kept} <= {f"p{i}" for i in range(13)}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["sources"] == [str(tmp_path / "docs.parquet")]
+
+
+def test_listed_files_are_spread_over_tasks_like_a_folders(tmp_path):
+    """data_pipeline.input.paths=[a, b, c, d] with 4 tasks: one reader for the four files, so each task reads
+    one (datatrove hands a one-file reader's file to task 0: all work in task 0, one shard)."""
+    from data_pipeline.config import ExecutorConfig
+
+    files = [tmp_path / "in" / f"part-{i}.jsonl" for i in range(4)]
+    for i, path in enumerate(files):
+        write_corpus(path, good=10 + i, exact_dups=0, seed=20 + i)
+    executor = ExecutorConfig(tasks=4, workers=1)
+    dedup = DedupConfig(exact=False, minhash=MinhashConfig(enabled=False))
+    listed = run_pipeline(small_config(files, tmp_path / "listed", vocab_size=400, filters=no_rule_filters(),
+                                       dedup=dedup, executor=executor)).manifest
+    folder = run_pipeline(small_config([tmp_path / "in"], tmp_path / "folder", vocab_size=400,
+                                       filters=no_rule_filters(), dedup=dedup, executor=executor)).manifest
+    assert [s.prefix for s in listed.shards] == [f"shards/{t:05d}_tokens" for t in range(4)]  # 4 non-empty shards
+    assert all(s.documents for s in listed.shards)
+    assert listed.documents == folder.documents == sum(13 + i for i in range(4))  # + 3 planted rule-filter docs each
+    assert sorted(s.documents for s in listed.shards) == sorted(s.documents for s in folder.shards)
