@@ -627,71 +627,75 @@ def _f(x: float, digits: int = 2) -> str:
 
 
 def table(doc: dict) -> str:
+    runs = doc["config"]["runs"]
     out = []
-    tok = doc.get("tokenize")
-    if tok:
-        out += [f"### Tokenization, Qwen2 vocabulary ({tok['corpus_docs']} docs, {tok['corpus_bytes'] / 1e6:.2f} MB = "
-                f"corpus x {tok['repeat']}; {tok['cores']} cores; median of {doc['config']['runs']})", "",
-                "| method | tokens | s | Mtok/s | MB/s | x fastest |", "|---|---:|---:|---:|---:|---:|"]
-        for key, r in tok["rows"].items():
-            out.append(f"| ({key[0]}) {r['what']} | {r['tokens']:,} | {_f(r['seconds'])} | "
-                       f"{_f(r['tokens_per_s'] / 1e6, 3)} | {_f(r['mb_per_s'])} | {_f(r['ratio_to_fastest'])} |")
-            if key.startswith("a_"):
-                out.append(f"| (a) same, stage wall time (worker start + encoder load included) | {r['tokens']:,} | "
-                           f"{_f(r['wall_s'])} | {_f(r['tokens_per_s_wall'] / 1e6, 3)} | {_f(r['mb_per_s_wall'])} | "
-                           f"{_f(r['ratio_to_fastest_wall'])} |")
-        for what, reason in tok["skipped"].items():
-            out.append(f"| {what}: skipped, {reason} | | | | | |")
-        out.append("")
-        out.append(f"Fastest = ({tok['fastest'][0]}), the highest median rate among the tokenizers run alone on the "
-                   "in-memory texts, (b) to (d), each on every core, tokenizer load excluded; the stage's rate is its "
-                   "busiest task's time inside its steps (reading the task's .jsonl.gz, encoding, writing the "
-                   ".bin/.idx), encoder load excluded.")
-        loads = [f"qwen.tiktoken -> tokenizer.json {_f(tok['convert_qwen_tiktoken_s'], 1)} s"]
-        loads += [f"({k[0]}) load {_f(r['load_s'], 1)} s" for k, r in tok["rows"].items() if "load_s" in r]
-        loads += [f"stage backend={k.removeprefix('a_stage_')} encoder load per task {_f(r['encoder_load_s'], 1)} s"
-                  for k, r in tok["rows"].items() if k.startswith("a_")]
-        out.append("Not timed above: " + ", ".join(loads) + ".")
-        for key, r in tok["rows"].items():
-            if key.startswith("a_"):
-                out.append(f"Documents per engine, stage backend={key.removeprefix('a_stage_')} (run 1): "
-                           + ", ".join(f"{e} {n:,}" for e, n in r["documents_per_engine"].items()))
-        for key, c in tok["id_checks"].items():
-            name = key.removesuffix("_vs_b")[2:]
-            out.append(f"Token ids ({key[0]}) {name} vs (b): {c['mismatched_docs']} mismatched of {c['compared_docs']} "
-                       "docs" + (f" {c['by_language']}" if c["mismatched_docs"] else ""))
-        out.append("")
-    fil = doc.get("filters")
-    if fil:
-        out += [f"### Filters, one process ({fil['docs']} docs, {fil['bytes'] / 1e6:.2f} MB; the project's rules see "
-                f"the {fil['rules_bytes_project'] / 1e6:.2f} MB in English; median of {doc['config']['runs']})", "",
-                "| chain | s | KB/s/core | kept | vs | same kept docs | speed-up |",
-                "|---|---:|---:|---:|---|---|---:|"]
-        for r in fil["rows"].values():
-            same = ("" if "vs" not in r else "yes" if r["identical_kept"] else
-                    f"NO ({r['decisions_differ']} decisions, {r['texts_differ']} texts differ)")
-            out.append(f"| {r['what']} | {_f(r['seconds'])} | {_f(r['kb_per_s_per_core'], 1)} | {r['kept_docs']} | "
-                       f"{r.get('vs', '')} | {same} | {_f(r['speedup']) + 'x' if 'speedup' in r else ''} |")
-        out.append("")
-        for key, p in fil.get("profile", {}).items():
-            shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items())
-            out.append(f"Profile {key} ({_f(p['total_s'], 1)} s under cProfile): {shares}. Top by own time: " +
-                       "; ".join(f"{t['function']} {_f(t['tottime_s'])} s" for t in p["top_tottime"][:5]))
-        if fil.get("profile"):
-            out.append("")
-    mh = doc.get("minhash")
-    if mh:
-        out += [f"### MinHash dedup, one process ({mh['docs']} docs; removed {mh['removed']}; median of "
-                f"{doc['config']['runs']})", "",
-                "| word tokenizer | signature s | signature docs/s | 4 steps s | 4 steps docs/s | identical |",
-                "|---|---:|---:|---:|---:|---|"]
-        for r in mh["rows"].values():
-            same = "" if "identical_signatures" not in r else (
-                "yes" if r["identical_signatures"] and r["identical_removed"] else "NO")
-            out.append(f"| {r['what']} | {_f(r['signature_s'])} | {_f(r['signature_docs_per_s'], 0)} | "
-                       f"{_f(r['all4_s'])} | {_f(r['all4_docs_per_s'], 0)} | {same} |")
-        out.append("")
+    for key, section in (("tokenize", _tokenize_section), ("filters", _filters_section), ("minhash", _minhash_section)):
+        if doc.get(key):
+            out += section(doc[key], runs)
     return "\n".join(out)
+
+
+def _tokenize_section(tok: dict, runs: int) -> list[str]:
+    rows = []
+    for key, r in tok["rows"].items():
+        rows.append([f"({key[0]}) {r['what']}", f"{r['tokens']:,}", _f(r["seconds"]), _f(r["tokens_per_s"] / 1e6, 3),
+                     _f(r["mb_per_s"]), _f(r["ratio_to_fastest"])])
+        if key.startswith("a_"):
+            rows.append(["(a) same, stage wall time (worker start + encoder load included)", f"{r['tokens']:,}",
+                         _f(r["wall_s"]), _f(r["tokens_per_s_wall"] / 1e6, 3), _f(r["mb_per_s_wall"]),
+                         _f(r["ratio_to_fastest_wall"])])
+    rows += [[f"{what}: skipped, {reason}", "", "", "", "", ""] for what, reason in tok["skipped"].items()]
+    out = [f"### Tokenization, Qwen2 vocabulary ({tok['corpus_docs']} docs, {tok['corpus_bytes'] / 1e6:.2f} MB = "
+           f"corpus x {tok['repeat']}; {tok['cores']} cores; median of {runs})", "",
+           *harness.markdown_table(["method", "tokens", "s", "Mtok/s", "MB/s", "x fastest"], rows, align="lrrrrr"), ""]
+    out.append(f"Fastest = ({tok['fastest'][0]}), the highest median rate among the tokenizers run alone on the "
+               "in-memory texts, (b) to (d), each on every core, tokenizer load excluded; the stage's rate is its "
+               "busiest task's time inside its steps (reading the task's .jsonl.gz, encoding, writing the "
+               ".bin/.idx), encoder load excluded.")
+    loads = [f"qwen.tiktoken -> tokenizer.json {_f(tok['convert_qwen_tiktoken_s'], 1)} s"]
+    loads += [f"({k[0]}) load {_f(r['load_s'], 1)} s" for k, r in tok["rows"].items() if "load_s" in r]
+    loads += [f"stage backend={k.removeprefix('a_stage_')} encoder load per task {_f(r['encoder_load_s'], 1)} s"
+              for k, r in tok["rows"].items() if k.startswith("a_")]
+    out.append("Not timed above: " + ", ".join(loads) + ".")
+    for key, r in tok["rows"].items():
+        if key.startswith("a_"):
+            out.append(f"Documents per engine, stage backend={key.removeprefix('a_stage_')} (run 1): "
+                       + ", ".join(f"{e} {n:,}" for e, n in r["documents_per_engine"].items()))
+    for key, c in tok["id_checks"].items():
+        name = key.removesuffix("_vs_b")[2:]
+        out.append(f"Token ids ({key[0]}) {name} vs (b): {c['mismatched_docs']} mismatched of {c['compared_docs']} "
+                   "docs" + (f" {c['by_language']}" if c["mismatched_docs"] else ""))
+    return out + [""]
+
+
+def _filters_section(fil: dict, runs: int) -> list[str]:
+    rows = []
+    for r in fil["rows"].values():
+        same = ("" if "vs" not in r else "yes" if r["identical_kept"] else
+                f"NO ({r['decisions_differ']} decisions, {r['texts_differ']} texts differ)")
+        rows.append([r["what"], _f(r["seconds"]), _f(r["kb_per_s_per_core"], 1), r["kept_docs"], r.get("vs", ""), same,
+                     _f(r["speedup"]) + "x" if "speedup" in r else ""])
+    out = [f"### Filters, one process ({fil['docs']} docs, {fil['bytes'] / 1e6:.2f} MB; the project's rules see "
+           f"the {fil['rules_bytes_project'] / 1e6:.2f} MB in English; median of {runs})", "",
+           *harness.markdown_table(["chain", "s", "KB/s/core", "kept", "vs", "same kept docs", "speed-up"], rows,
+                                   align="lrrrllr"), ""]
+    for key, p in fil.get("profile", {}).items():
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items())
+        out.append(f"Profile {key} ({_f(p['total_s'], 1)} s under cProfile): {shares}. Top by own time: " +
+                   "; ".join(f"{t['function']} {_f(t['tottime_s'])} s" for t in p["top_tottime"][:5]))
+    return out + ([""] if fil.get("profile") else [])
+
+
+def _minhash_section(mh: dict, runs: int) -> list[str]:
+    rows = []
+    for r in mh["rows"].values():
+        same = "" if "identical_signatures" not in r else (
+            "yes" if r["identical_signatures"] and r["identical_removed"] else "NO")
+        rows.append([r["what"], _f(r["signature_s"]), _f(r["signature_docs_per_s"], 0), _f(r["all4_s"]),
+                     _f(r["all4_docs_per_s"], 0), same])
+    columns = ["word tokenizer", "signature s", "signature docs/s", "4 steps s", "4 steps docs/s", "identical"]
+    return [f"### MinHash dedup, one process ({mh['docs']} docs; removed {mh['removed']}; median of {runs})", "",
+            *harness.markdown_table(columns, rows, align="lrrrrl"), ""]
 
 
 def record(doc: dict, text: str, args) -> None:

@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 
+from benchmarks.harness import markdown_table
 from pretrain.models.config import ModelConfig
 from pretrain.plan.hardware import GPUS, GPU
 from pretrain.plan.memory import Layout
@@ -75,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.parse_args(argv)
     rows = compare()
-    print("| model | GPUs | seq | layout | published tok/s/GPU | predicted | error | predicted memory GiB | source |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['gpus']} × {r['gpu']} | {r['seq']} | {r['layout']} ({r['note']}) | "
-              f"{r['published']:,} | {r['predicted']:,.0f} | {100 * r['error']:+.1f}% | {r['memory']:.1f} | {r['source']} |")
+    columns = ["model", "GPUs", "seq", "layout", "published tok/s/GPU", "predicted", "error", "predicted memory GiB",
+               "source"]
+    print("\n".join(markdown_table(columns, [
+        [r["model"], f"{r['gpus']} × {r['gpu']}", r["seq"], f"{r['layout']} ({r['note']})", f"{r['published']:,}",
+         f"{r['predicted']:,.0f}", f"{100 * r['error']:+.1f}%", f"{r['memory']:.1f}", r["source"]] for r in rows])))
     errors = [abs(r["error"]) for r in rows]
     print(f"\nmedian |error| {100 * statistics.median(errors):.1f}% over {len(rows)} published runs "
           f"(max {100 * max(errors):.1f}%)")

@@ -667,9 +667,8 @@ def record_row(doc: dict, path: Path = harness.RESULTS_MD) -> None:
     If the file's last section is another benchmark's, a new copy of our header and table head goes first.
     """
     header = "## bench_throughput: training step tokens/s, MFU, peak memory (ours vs HF transformers)"
-    head = ("| date (UTC) | device | command | ours tok/s | ours MFU | ours MFU causal | ours of matmul ceiling | "
-            "ours peak GiB | peer tok/s | peer MFU | peer MFU causal | peer peak GiB | ours/peer | notes |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    columns = ["date (UTC)", "device", "command", "ours tok/s", "ours MFU", "ours MFU causal", "ours of matmul ceiling",
+               "ours peak GiB", "peer tok/s", "peer MFU", "peer MFU causal", "peer peak GiB", "ours/peer", "notes"]
     r = doc["results"]
     ours, peer = r.get("ours", {}), r.get("peer", {})
 
@@ -694,10 +693,9 @@ def record_row(doc: dict, path: Path = harness.RESULTS_MD) -> None:
                                                          ("peak_memory_gib", ".1f"))]
     cells = [doc["date"][:16].replace("T", " "), doc["machine"]["device"], f"`{doc['command']}`", *figures,
              _fmt(doc.get("ratio_tokens_per_s_ours_over_peer"), ".2f", "-"), notes]
-    row = "| " + " | ".join(cells) + " |\n"
-    opening = (f"\n{header}\n\nAppended by `benchmarks/bench_throughput.py --record` (see benchmarks/README.md)."
-               f"\n\n{head}")
-    harness.append_results(row, path, section=header, opening=opening)
+    opening = "\n".join(["", header, "", "Appended by `benchmarks/bench_throughput.py --record` (see benchmarks/README.md).",
+                         "", *harness.markdown_table(columns, []), ""])
+    harness.append_results(harness.markdown_row(cells) + "\n", path, section=header, opening=opening)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.harness import job  # noqa: E402
+from benchmarks.harness import job, markdown_table  # noqa: E402
 from parallel.testing import run_distributed  # noqa: E402
 
 MiB = 2**20
@@ -90,6 +90,28 @@ def analytic(zero: int, psi: int, dp: int) -> dict[str, float]:
     return {"params": p / dp if zero >= 3 else p, "grads": g / dp if zero >= 2 else g, "adam": a / dp if zero >= 1 else a}
 
 
+def print_table(args, measured: list[tuple]) -> None:
+    """One row per (dp, ZeRO): MiB of rank 0, measured / analytic."""
+    psi = measured[0][2]
+    print(f"\nModel: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: Ψ = {psi / 1e6:.2f}M fp32 "
+          f"parameters ({4 * psi / MiB:.1f} MiB). MiB per rank (rank 0), measured / analytic.\n")
+
+    def core(b: dict) -> int:
+        return b["params"] + b["grads"] + b["master"] + b["adam"]
+
+    rows = []
+    for dp, zero, _, b, per_rank in measured:
+        a = analytic(zero, psi, dp)
+        spread = max(map(core, per_rank)) - min(map(core, per_rank))
+        rows.append([dp, zero, f"{b['params'] / MiB:.1f} / {a['params'] / MiB:.1f}",
+                     f"{b['grads'] / MiB:.1f} / {a['grads'] / MiB:.1f}", f"{b['master'] / MiB:.1f} / 0",
+                     f"{b['adam'] / MiB:.1f} / {a['adam'] / MiB:.1f}", f"{core(b) / MiB:.1f}", f"{sum(a.values()) / MiB:.1f}",
+                     f"{b['buckets'] / MiB:.1f}", f"{b['other'] / MiB:.1f}", f"{spread / MiB:.2f}"])
+    print("\n".join(markdown_table(["dp", "ZeRO", "params", "grads", "master copy", "Adam state", "params+grads+master+Adam",
+                                    "analytic 4Ψ+4Ψ+8Ψ sharded", "buckets", "other live tensors",
+                                    "max spread over ranks"], rows)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dp", type=int, nargs="+", default=[2, 4])
@@ -101,29 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(zero >= 2 for zero in args.zero):
         import deepspeed  # noqa: F401 - once, before the ranks fork (each rank's build then finds it imported)
-    rows = []
+    rows_measured = []
     for dp in args.dp:
         for zero in args.zero:  # fresh ranks per stage: a DeepSpeed engine is not freed by gc in-process
             start = time.time()
             ranks = run_distributed(run_stage, dp, args, [zero], timeout=600)
             print(f"dp={dp} zero={zero}: {time.time() - start:.0f} s", file=sys.stderr)
             r0 = ranks[0][zero]
-            rows.append((dp, zero, r0["params"], r0["bytes"], [r[zero]["bytes"] for r in ranks]))
-    psi = rows[0][2]
-    print(f"\nModel: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: Ψ = {psi / 1e6:.2f}M fp32 "
-          f"parameters ({4 * psi / MiB:.1f} MiB). MiB per rank (rank 0), measured / analytic.\n")
-    print("| dp | ZeRO | params | grads | master copy | Adam state | params+grads+master+Adam | analytic 4Ψ+4Ψ+8Ψ sharded "
-          "| buckets | other live tensors | max spread over ranks |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for dp, zero, _, b, per_rank in rows:
-        a = analytic(zero, psi, dp)
-        core = b["params"] + b["grads"] + b["master"] + b["adam"]
-        spread = max(sum(r[c] for c in ("params", "grads", "master", "adam")) for r in per_rank) - min(
-            sum(r[c] for c in ("params", "grads", "master", "adam")) for r in per_rank)
-        print(f"| {dp} | {zero} | {b['params'] / MiB:.1f} / {a['params'] / MiB:.1f} | {b['grads'] / MiB:.1f} / "
-              f"{a['grads'] / MiB:.1f} | {b['master'] / MiB:.1f} / 0 | {b['adam'] / MiB:.1f} / {a['adam'] / MiB:.1f} | "
-              f"{core / MiB:.1f} | {sum(a.values()) / MiB:.1f} | {b['buckets'] / MiB:.1f} | {b['other'] / MiB:.1f} | "
-              f"{spread / MiB:.2f} |")
+            rows_measured.append((dp, zero, r0["params"], r0["bytes"], [r[zero]["bytes"] for r in ranks]))
+    print_table(args, rows_measured)
     return 0
 
 

@@ -4,7 +4,8 @@
   ``python -m pretrain OVERRIDES`` does (unknown keys refused, ``validate_job``).
 * :func:`emit` / :func:`write_json`: ``--json [PATH]`` (``-``: stdout, no table; ``*.jsonl``: one line appended;
   another path: written) and the human-readable table.
-* :func:`append_results`: append to ``benchmarks/RESULTS.md`` (or another file), never rewriting it.
+* :func:`append_results`: append to ``benchmarks/RESULTS.md`` (or another file), never rewriting it;
+  :func:`markdown_table` / :func:`markdown_row`: the tables in it.
 * :func:`command_line`: the command that reproduces a measurement, without the options that only say where
   its results went.
 
@@ -112,6 +113,16 @@ def append_results(text: str, path: Path = RESULTS_MD, *, section: str | None = 
             f.write(prefix + text)
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def markdown_table(columns: list[str], rows: list[list], *, align: str = "") -> list[str]:
+    """A markdown table's lines: header, alignment (``align``: ``l`` or ``r`` per column; default all left), rows."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in (align or "l" * len(columns))) + "|"
+    return [markdown_row(columns), rule, *map(markdown_row, rows)]
+
+
+def markdown_row(cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def dist_version(name: str) -> str | None:
