@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from parallel.config import ParallelConfig
+from parallel.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +31,26 @@ def device() -> torch.device:
 
 @dataclass(frozen=True)
 class Mesh:
-    """Where this rank sits in the layout that actually ran."""
+    """Where this rank sits in the layout that actually ran: the resolved layout and this rank's coordinates."""
 
     rank: int
-    world_size: int
-    tp: int
-    pp: int
-    vpp: int
-    ep: int
-    dp: int
-    """Pure data-parallel degree: replicas that read different samples (context-parallel ranks not counted)."""
+    layout: ParallelLayout
     tp_rank: int
     pp_rank: int
     dp_rank: int
-    cp: int = 1
-    """Context-parallel degree: ranks of one replica that read the same samples and keep 2 of 2 × cp chunks each."""
+    """Rank among the pure data-parallel replicas (context-parallel ranks of one replica share it)."""
     cp_rank: int = 0
+    ep_rank: int = 0
+    etp_rank: int = 0
+
+    # The degrees, read from the one resolved layout.
+    world_size = property(lambda self: self.layout.world_size)
+    tp = property(lambda self: self.layout.tp)
+    pp = property(lambda self: self.layout.pp)
+    vpp = property(lambda self: self.layout.vpp)
+    cp = property(lambda self: self.layout.cp)
+    ep = property(lambda self: self.layout.ep)
+    dp = property(lambda self: self.layout.dp)
 
     @property
     def is_logging_rank(self) -> bool:
@@ -67,12 +72,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(parallel: ParallelConfig, *, seed: int) -> Mesh:
-    """Start the default process group and megatron-core's model-parallel groups for ``parallel``.
+def init_distributed(layout: ParallelLayout | ParallelConfig, *, seed: int, timeout_s: int | None = None) -> Mesh:
+    """Start the default process group and megatron-core's model-parallel groups for ``layout``.
 
-    Validate the layout (``pretrain.config.validate_job``) before calling this: errors here come from
-    the launcher or the network, not from the config.
+    ``layout``: the job's resolved layout (``pretrain.config.validate_job`` returns it, having checked it: errors
+    here come from the launcher or the network, not from the config). A ``ParallelConfig`` (tests, benchmarks)
+    is resolved against this job's world size by ``ParallelLayout.resolve`` and its ``timeout_s`` used.
     """
+    if isinstance(layout, ParallelConfig):
+        timeout_s = layout.timeout_s if timeout_s is None else timeout_s
+        world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
+        layout = ParallelLayout.resolve(layout, world_size=world)
+    timeout_s = ParallelConfig().timeout_s if timeout_s is None else timeout_s
     # megatron-core's TP overlap orders kernels on a single CUDA work queue (it warns otherwise).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if not dist.is_initialized():
@@ -84,19 +95,22 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> Mesh:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
-            timeout=datetime.timedelta(seconds=parallel.timeout_s),
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
+    if dist.get_world_size() != layout.world_size:
+        raise RuntimeError(f"the layout was resolved for {layout.world_size} processes, but this job has "
+                           f"{dist.get_world_size()}")
     from parallel.cpu_seam import apply_cpu_seam, model_parallel_seed
 
     apply_cpu_seam()  # a no-op with CUDA: GPU runs take megatron-core's own paths
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        context_parallel_size=parallel.cp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp or parallel.tp,
-        distributed_timeout_minutes=parallel.timeout_s / 60,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        distributed_timeout_minutes=timeout_s / 60,
     )
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     # As Megatron-LM: one seed per pipeline stage (stages hold different layers), the same on every
@@ -104,20 +118,19 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> Mesh:
     stage_seed = seed + 100 * pp_rank
     torch.manual_seed(stage_seed)
     model_parallel_seed(stage_seed)
+    # Without context parallel ranks: the cp ranks of one replica must read the same samples.
+    if parallel_state.get_data_parallel_world_size(with_context_parallel=False) != layout.dp:
+        raise RuntimeError(f"megatron-core built {parallel_state.get_data_parallel_world_size()} data-parallel "
+                           f"replicas for a layout of dp={layout.dp}")
     mesh = Mesh(
         rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        tp=parallel.tp,
-        pp=parallel.pp,
-        vpp=parallel.vpp,
-        ep=parallel.ep,
-        # Without context parallel ranks: the cp ranks of one replica must read the same samples.
-        dp=parallel_state.get_data_parallel_world_size(with_context_parallel=False),
+        layout=layout,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=pp_rank,
         dp_rank=parallel_state.get_data_parallel_rank(with_context_parallel=False),
-        cp=parallel.cp,
         cp_rank=parallel_state.get_context_parallel_rank(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
     )
     if mesh.is_logging_rank:
         log.info("parallel layout: %s", mesh.describe())

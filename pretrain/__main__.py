@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.cli import one_line_errors, to_object
 from common.errors import ConfigError, DataError, TrainingDivergedError
+from parallel.launch import launched, local_world_size, relaunch_local
 from pretrain import preflight
 from pretrain.checkpoint import check_run_resumable
 from pretrain.config import JobConfig, register_configs, validate_job
@@ -40,12 +40,7 @@ register_configs()
 def _launch_local(nproc: int, run_dir: Path, extra_overrides: list[str]) -> None:
     """Re-run this job's overrides under torchrun with ``nproc`` processes on this machine."""
     overrides = list(HydraConfig.get().overrides.task) + extra_overrides
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pretrain", *overrides, f"hydra.run.dir={run_dir}"]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    log.info("starting %d local processes: %s", nproc, " ".join(cmd))
-    rc = subprocess.run(cmd, env=env).returncode
+    rc = relaunch_local("pretrain", [*overrides, f"hydra.run.dir={run_dir}"], nproc)
     if rc != 0:
         raise LaunchError(rc, f"the {nproc} training processes exited with status {rc} (their log is above)")
 
@@ -61,17 +56,18 @@ def run(job: JobConfig, run_dir: Path, resolved_config: str | None = None) -> No
     ``resolved_config``: yaml written to the run directory once the job's inputs passed their checks."""
     from parallel.mesh import destroy_distributed, init_distributed, world_size_from_env
 
-    validate_job(job, world_size_from_env())  # build_trainer checks the checkpoint it would resume from
+    # The one resolution and validation of the layout; build_trainer checks the checkpoint it would resume from.
+    layout = validate_job(job, world_size_from_env())
     shards = Shards.from_config(job.data)  # a missing data path fails here, before any process group
     # Shards, vocabulary, init_from; the shape of the checkpoint it resumes from is checked in build_trainer,
     # after the ranks chose it together (verifying it here would read it once per rank).
     preflight.check_job(job, resumes=preflight.has_checkpoint(run_dir / "checkpoints"))
     # A split part with no documents is refused; the plan is kept, so build_datasets reads no .idx again.
     shards = shards.with_blend(check_blend(job.data, shards, validation=bool(job.trainer.eval_every)))
-    check_before_launch(job, world_size_from_env(), shards.vocab_size)  # predicted not to fit the GPU: refused
+    check_before_launch(job, layout, shards.vocab_size)  # predicted not to fit the GPU: refused
     if resolved_config is not None:  # only now: a refused job leaves the run directory as it was
         (run_dir / "resolved_config.yaml").write_text(resolved_config)
-    mesh = init_distributed(job.parallel, seed=job.trainer.seed)
+    mesh = init_distributed(layout, seed=job.trainer.seed, timeout_s=job.parallel.timeout_s)
     try:
         from pretrain.build import build_trainer
 
@@ -103,15 +99,15 @@ def main(cfg: DictConfig) -> None:
                                f"trainer.run_name={job.trainer.run_name}"]
             for override in sweep_overrides:  # resolved_config.yaml shows the names this point used
                 OmegaConf.update(cfg, *override.split("=", 1))
-        nproc = job.parallel.local_world_size
-        if "RANK" not in os.environ and nproc > 1:
-            dp = validate_job(job, nproc)  # refuse a bad layout before starting any process
-            latest = check_run_resumable(run_dir / "checkpoints", zero=job.parallel.zero, dp=dp)
+        nproc = local_world_size(job.parallel)
+        if not launched() and nproc > 1:
+            layout = validate_job(job, nproc)  # refuse a bad layout before starting any process
+            latest = check_run_resumable(run_dir / "checkpoints", zero=layout.zero, dp=layout.dp)
             preflight.check_job(job, resume_from=latest)  # every check a rank would make, before any starts
             shards = Shards.from_config(job.data)
             check_blend(job.data, shards, validation=bool(job.trainer.eval_every))
             # Refuses a layout that cannot fit; the prediction itself is logged by rank 0 (every launch has one).
-            check_before_launch(job, nproc, shards.vocab_size, log_prediction=False)
+            check_before_launch(job, layout, shards.vocab_size, log_prediction=False)
             _launch_local(nproc, run_dir, sweep_overrides)
             return
         run(job, run_dir, OmegaConf.to_yaml(cfg, resolve=True) if rank == 0 else None)

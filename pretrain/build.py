@@ -6,10 +6,11 @@ import itertools
 import logging
 from pathlib import Path
 
-from megatron.core import parallel_state
+import torch.distributed as dist
 from megatron.core.transformer.module import Float16Module
 
 from parallel.data import apply_ddp
+from parallel.layout import ParallelLayout
 from parallel.mesh import Mesh
 from pretrain.callbacks import ConsoleLogger, MetricsFile, PlannerVsMeasured, Throughput, WandbLogger
 from pretrain.checkpoint import Checkpointer, check_resumable
@@ -25,19 +26,20 @@ from pretrain.trainer import Trainer
 log = logging.getLogger("pretrain")
 
 
-def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = True) -> TrainModule:
+def build_train_module(job: JobConfig, vocab_size: int, *, layout: ParallelLayout | None = None,
+                       init_weights: bool = True) -> TrainModule:
     """Model chunks for this rank -> bf16 wrapper -> data parallel -> optimizer (process groups must exist).
 
-    ``parallel.zero`` 2/3 hands the (single, tp = pp = 1) chunk to DeepSpeed instead of megatron's
-    DDP + optimizer: a ``DeepSpeedTrainModule`` with the same ``train_batch`` contract.
+    ``layout``: the job's resolved layout (``Mesh.layout``); None resolves ``job.parallel`` on this process
+    group's world size. ``parallel.zero`` 2/3 hands the (single, tp = pp = 1) chunk to DeepSpeed instead of
+    megatron's DDP + optimizer: a ``DeepSpeedTrainModule`` with the same ``train_batch`` contract.
     """
+    layout = layout or ParallelLayout.resolve(job.parallel, world_size=dist.get_world_size())
     p, t, bf16 = job.parallel, job.trainer, job.trainer.precision == "bf16"
     family = registry.get(job.model.family)  # the model's config -> megatron config and layer spec
     kernels = resolve_kernels(t)  # trainer.fused_swiglu / cross_entropy / moe_grouped_gemm, auto resolved
     config = family.transformer_config(
-        job.model, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
-        dp=parallel_state.get_data_parallel_world_size(), sequence_parallel=p.sequence_parallel,
-        moe_dispatcher=p.moe_dispatcher, bf16=bf16, recompute=t.recompute, recompute_modules=tuple(t.recompute_modules),
+        job.model, layout=layout, moe_dispatcher=p.moe_dispatcher, bf16=bf16, recompute=t.recompute, recompute_modules=tuple(t.recompute_modules),
         recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers, **kernels,
     )
     # TrainModule's loss is a per-token sum that megatron divides by the global token count; DDP reads
@@ -54,28 +56,30 @@ def build_train_module(job: JobConfig, vocab_size: int, *, init_weights: bool = 
         from pretrain.models.decoder.compile import apply_compile
 
         apply_compile(chunks, moe=job.model.is_moe)
-    if p.zero in (2, 3):  # DeepSpeed keeps its own bf16 copy and fp32 master partitions: no Float16Module
+    if layout.deepspeed:  # DeepSpeed keeps its own bf16 copy and fp32 master partitions: no Float16Module
         from pretrain.deepspeed_module import build_deepspeed_train_module
 
         (model,) = chunks
-        return build_deepspeed_train_module(job, config, model)
+        return build_deepspeed_train_module(job, layout, config, model)
     if bf16:
         # bf16 weights and activations; the optimizer keeps fp32 master copies.
         chunks = [Float16Module(config, chunk) for chunk in chunks]
-    chunks = apply_ddp(chunks, config, zero=p.zero, overlap_grad_reduce=p.overlap_grad_reduce)
-    optimizer, scheduler = build_optimizer(job.optim, chunks, bf16=bf16, zero=p.zero, total_steps=job.trainer.steps)
+    chunks = apply_ddp(chunks, config, zero=layout.zero, overlap_grad_reduce=p.overlap_grad_reduce)
+    optimizer, scheduler = build_optimizer(job.optim, chunks, bf16=bf16, zero=layout.zero,
+                                           total_steps=job.trainer.steps)
     moe_stats = None
     if job.model.is_moe:
         from pretrain.moe_stats import MoEStats
 
-        moe_stats = MoEStats(chunks, job.model.num_layers, job.model.num_experts, p.sequence_parallel)
-    return TrainModule(chunks, config, optimizer, scheduler, seq_len=job.data.seq_len,
+        moe_stats = MoEStats(chunks, job.model.num_layers, job.model.num_experts, tp=layout.tp,
+                             sequence_parallel=layout.sequence_parallel)
+    return TrainModule(chunks, config, optimizer, scheduler, layout=layout, seq_len=job.data.seq_len,
                        micro_batch_size=job.trainer.micro_batch_size, moe_stats=moe_stats)
 
 
 def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> Trainer:
-    t = job.trainer
-    vocab_size = padded_vocab_size(job.model, shards.vocab_size, job.parallel.tp)
+    t, layout = job.trainer, mesh.layout
+    vocab_size = padded_vocab_size(job.model, shards.vocab_size, layout.tp)
     checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_last, async_save=t.async_save,
                                 rope=rope_scaling.record(job.model))
     checkpointer.remove_leftovers()  # step_*.tmp of saves a crash or a full disk cut short
@@ -83,10 +87,10 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
     # it is refused on every rank alike, before any model is built (cached: resuming does not re-verify it).
     latest = checkpointer.latest()
     if latest is not None:
-        check_resumable(latest, zero=job.parallel.zero, dp=mesh.dp)
+        check_resumable(latest, zero=layout.zero, dp=layout.dp)
         check_resume_shape(latest, job.model, vocab_size)  # one line naming the field, not megatron's traceback
     # A run that resumes overwrites the weights anyway: skip loading pretrained ones.
-    module = build_train_module(job, vocab_size, init_weights=latest is None)
+    module = build_train_module(job, vocab_size, layout=layout, init_weights=latest is None)
     valid_samples = t.eval_steps * t.global_batch_size if t.eval_every else 0
     train_set, valid_set = build_datasets(job.data, shards, seed=t.seed, train_samples=t.steps * t.global_batch_size,
                                           valid_samples=valid_samples, cache_dir=str(run_dir / "data_cache"))
@@ -99,7 +103,7 @@ def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> 
         return itertools.islice(batches_from(0, valid_set), t.eval_steps)
 
     if mesh.is_logging_rank:
-        if note := vocab_padding_note(job.model, shards.vocab_size, job.parallel.tp):
+        if note := vocab_padding_note(job.model, shards.vocab_size, layout.tp):
             log.info(note)
 
         count = registry.get(job.model.family).param_count(job.model, vocab_size)

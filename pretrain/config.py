@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 
 from common.errors import ConfigError, check_choice
 from parallel.config import ParallelConfig
+from parallel.layout import ParallelLayout
 from pretrain.models.config import ModelConfig
 
 
@@ -233,17 +234,18 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-def validate_job(job: JobConfig, world_size: int) -> int:
-    """Cross-section checks, before any process group exists. Returns the data-parallel degree."""
+def validate_job(job: JobConfig, world_size: int) -> ParallelLayout:
+    """Cross-section checks, before any process group exists. Returns the resolved layout (the one resolution of
+    ``job.parallel`` on ``world_size`` processes), which the process groups and the build then take."""
     model, parallel, trainer = job.model, job.parallel, job.trainer
-    dp = parallel.validate(
-        world_size=world_size,
+    layout = ParallelLayout.resolve(parallel, world_size=world_size).check_model(
         num_layers=model.num_layers,
         num_heads=model.num_heads,
         num_kv_heads=model.num_kv_heads,
         num_experts=model.num_experts,
         seq_len=job.data.seq_len,
     )
+    dp = layout.dp
     per_step = trainer.micro_batch_size * dp
     if trainer.global_batch_size % per_step:
         raise ConfigError(
@@ -277,7 +279,7 @@ def validate_job(job: JobConfig, world_size: int) -> int:
             "trainer.async_save=false"
         )
     _check_step_knobs(job)
-    return dp
+    return layout
 
 
 def _check_step_knobs(job: JobConfig) -> None:

@@ -1,7 +1,7 @@
 """Convert checkpoints of any model family (Qwen2/2.5, Qwen3, dense and MoE) between Hugging Face and this trainer.
 
     # HF dir (config.json + safetensors) -> model-only megatron ``torch_dist`` checkpoint (any layout
-    # can load it; run under torchrun, or bare: it starts pp * lcm(tp, ep * etp) local processes)
+    # can load it; run under torchrun, or bare: it starts the processes the layout needs, as the trainer does)
     python -m pretrain.convert import --hf Qwen2-0.5B/ --out ckpt/qwen2_0_5b [--tp 2 --pp 2 --ep 1]
 
     # trainer checkpoint (``runs/<name>/checkpoints``, a ``step_XXXXXXXX`` dir, or an import dir)
@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -34,6 +32,8 @@ import torch
 
 from common.cli import BAD_INPUT, exit_bad_input, one_line
 from common.errors import ConfigError
+from parallel.config import ParallelConfig
+from parallel.launch import launched, local_world_size, relaunch_local
 from pretrain.checkpoint import saved_deepspeed_layout
 from pretrain.models.config import ModelConfig
 from pretrain.models.hf import (
@@ -271,8 +271,8 @@ def save_model_checkpoint(chunks: list[torch.nn.Module], out_dir: str | Path, co
 def plan_import(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int = 1,
                 etp: int | None = None, vocab_size: int | None = None, world_size: int = 1):
     """Everything ``import`` checks, from ``config.json`` and the safetensors headers alone (no tensor is read,
-    no process started): returns the checkpoint, our model config, its HF vocabulary rows and the layout."""
-    from parallel.config import ParallelConfig
+    no process started): returns the checkpoint, our model config, its HF vocabulary rows and the resolved layout."""
+    from parallel.layout import ParallelLayout
 
     check_output_dir(out_dir)
     hf = HFCheckpoint(hf_dir)
@@ -290,27 +290,27 @@ def plan_import(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
             f"megatron vocabulary {vocab} must be >= the checkpoint's {hf_vocab} rows and divisible by tp={tp}; "
             "pass --vocab-size (padding rows are zeros and are dropped again on export)")
     model = dataclasses.replace(model, vocab_size=vocab)
-    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp)
     try:
-        parallel.validate(world_size=world_size, num_layers=model.num_layers, num_heads=model.num_heads,
-                          num_kv_heads=model.num_kv_heads, num_experts=model.num_experts, seq_len=model.max_seq_len)
+        layout = ParallelLayout.resolve(ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp), world_size=world_size)
+        layout.check_model(num_layers=model.num_layers, num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
+                           num_experts=model.num_experts, seq_len=model.max_seq_len)
     except ConfigError as e:
         raise ConversionError(str(e)) from e
-    return hf, model, hf_vocab, parallel
+    return hf, model, hf_vocab, layout
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int = 1,
               etp: int | None = None, vocab_size: int | None = None, seed: int = 0) -> Path:
     """Convert an HF checkpoint dir into a model-only ``torch_dist`` checkpoint (run on every rank)."""
-    from parallel.mesh import destroy_distributed, init_distributed
+    from parallel.mesh import destroy_distributed, init_distributed, world_size_from_env
     from pretrain.models.decoder.model import build_model_chunks, transformer_config
 
-    hf, model, hf_vocab, parallel = plan_import(hf_dir, out_dir, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp,
-                                                vocab_size=vocab_size, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    hf, model, hf_vocab, layout = plan_import(hf_dir, out_dir, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp,
+                                              vocab_size=vocab_size, world_size=world_size_from_env())
     vocab = model.vocab_size
-    init_distributed(parallel, seed=seed)
+    init_distributed(layout, seed=seed)
     try:
-        config = transformer_config(model, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp)
+        config = transformer_config(model, layout=layout)
         config.perform_initialization = False  # every weight is overwritten (load checks the key sets)
         chunks = build_model_chunks(model, config, vocab)
         load_hf_into_chunks(chunks, hf, model)
@@ -355,16 +355,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _import_nproc(args: argparse.Namespace) -> int:
-    return args.pp * math.lcm(args.tp, args.ep * (args.etp or args.tp))  # tp * dp must be a multiple of ep * etp
-
-
-def _relaunch_under_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
-    nproc = _import_nproc(args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pretrain.convert", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    log.info("starting %d local processes: %s", nproc, " ".join(cmd))
-    return subprocess.run(cmd, env=env).returncode
+    """Processes a bare ``import`` starts: the trainer's local launch rule (enough ranks for the expert groups)."""
+    return local_world_size(ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,11 +371,11 @@ def main(argv: list[str] | None = None) -> int:
             export_checkpoint(args.checkpoint, args.out, model=args.model, hf_vocab_size=args.hf_vocab_size,
                               dtype=_DTYPES.get(args.dtype), copy_files_from=args.copy_files_from)
             return 0
-        if "RANK" not in os.environ and _import_nproc(args) > 1:
+        if not launched() and _import_nproc(args) > 1:
             # Refuse bad input here, in one process, not in every rank after torchrun has started them.
             plan_import(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp,
                         vocab_size=args.vocab_size, world_size=_import_nproc(args))
-            return _relaunch_under_torchrun(args, argv)
+            return relaunch_local("pretrain.convert", argv, _import_nproc(args))
         import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp,
                   vocab_size=args.vocab_size)
         if int(os.environ.get("RANK", "0")) == 0:

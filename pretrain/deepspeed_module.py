@@ -13,6 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from parallel.deepspeed import apply_deepspeed, build_adamw, gathered_parameters
+from parallel.layout import ParallelLayout
 from parallel.mesh import device
 from pretrain.optim import build_scheduler, fused_adamw
 from pretrain.train_module import PositionBucket, StepResult, global_position_losses, position_sums
@@ -21,12 +22,14 @@ from pretrain.train_module import PositionBucket, StepResult, global_position_lo
 class DeepSpeedTrainModule:
     """A DeepSpeed engine over one megatron ``GPTModel`` + LR schedule, and ``train_batch``."""
 
-    def __init__(self, engine, config: TransformerConfig, scheduler: OptimizerParamScheduler, *, zero: int) -> None:
+    def __init__(self, engine, config: TransformerConfig, scheduler: OptimizerParamScheduler, *,
+                 layout: ParallelLayout) -> None:
         self.engine = engine
         self.config = config
         self.scheduler = scheduler
-        self.zero = zero
-        self.dp = dist.get_world_size()
+        self.layout = layout
+        self.zero = layout.zero
+        self.dp = layout.dp  # the world: DeepSpeed serves data-parallel layouts only
         self.model = engine.module  # the bare GPTModel (ZeRO-3: its parameters are partitioned)
 
     def train_batch(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool = False) -> StepResult:
@@ -93,7 +96,7 @@ class DeepSpeedTrainModule:
         finally:
             engine.train()
         dist.all_reduce(totals)
-        by_position = global_position_losses(sums, spec) if buckets else []
+        by_position = global_position_losses(sums, spec, tp=1) if buckets else []
         return float(totals[0] / totals[1]), int(totals[1]), by_position
 
     def _loss_sum(self, mb: dict[str, torch.Tensor], spec: tuple[int, int] | None = None,
@@ -114,16 +117,16 @@ class DeepSpeedTrainModule:
             return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items() if torch.is_tensor(v)}
 
 
-def build_deepspeed_train_module(job, config: TransformerConfig, model: torch.nn.Module) -> DeepSpeedTrainModule:
+def build_deepspeed_train_module(job, layout: ParallelLayout, config: TransformerConfig,
+                                 model: torch.nn.Module) -> DeepSpeedTrainModule:
     """parallel.zero in (2, 3): AdamW like megatron's, the DeepSpeed engine, and the same LR schedule."""
-    p, o, t = job.parallel, job.optim, job.trainer
-    dp = dist.get_world_size()
+    o, t, dp = job.optim, job.trainer, layout.dp
     optimizer = build_adamw(model, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                             fused=fused_adamw(o.fused))
     engine = apply_deepspeed(
-        model, zero_stage=p.zero, optimizer=optimizer, offload_optimizer=p.offload_optimizer,
+        model, zero_stage=layout.zero, optimizer=optimizer, offload_optimizer=layout.offload_optimizer,
         bf16=t.precision == "bf16", clip_grad=o.clip_grad, micro_batch_size=t.micro_batch_size,
         grad_accum_steps=t.global_batch_size // (t.micro_batch_size * dp),
     )
     scheduler = build_scheduler(o, engine.optimizer, total_steps=t.steps)
-    return DeepSpeedTrainModule(engine, config, scheduler, zero=p.zero)
+    return DeepSpeedTrainModule(engine, config, scheduler, layout=layout)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import (
     clear_aux_losses_tracker,
     get_moe_layer_wise_logging_tracker,
@@ -18,13 +17,13 @@ class MoEStats:
     """Counts the tokens each router sends to each expert (forward hooks), and reads megatron-core's
     per-layer auxiliary-loss tracker. ``collect()`` is collective: every rank calls it once per step."""
 
-    def __init__(self, chunks: list, num_layers: int, num_experts: int, sequence_parallel: bool) -> None:
+    def __init__(self, chunks: list, num_layers: int, num_experts: int, *, tp: int, sequence_parallel: bool) -> None:
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device())
         # megatron-core's tracker is a process global: start from zero, not from what an earlier model in
         # this process left (e.g. a DeepSpeed MoE run, which never collects).
         clear_aux_losses_tracker()
         # Without sequence parallelism every tensor-parallel rank routes the same tokens.
-        self.tp_copies = 1 if sequence_parallel else parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_copies = 1 if sequence_parallel else tp
         for chunk in chunks:
             for module in chunk.modules():
                 if isinstance(module, TopKRouter):

@@ -7,7 +7,6 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -15,6 +14,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from parallel.layout import ParallelLayout
 from parallel.mesh import device
 
 
@@ -89,9 +89,10 @@ class TrainModule:
     """Model chunks + optimizer + LR schedule, and ``train_batch`` that runs one optimizer step."""
 
     def __init__(self, chunks: list, config: TransformerConfig, optimizer: MegatronOptimizer,
-                 scheduler: OptimizerParamScheduler, *, seq_len: int, micro_batch_size: int,
+                 scheduler: OptimizerParamScheduler, *, layout: ParallelLayout, seq_len: int, micro_batch_size: int,
                  moe_stats=None) -> None:
         self.chunks = chunks
+        self.layout = layout
         self.config = config
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -112,7 +113,7 @@ class TrainModule:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._run_schedule(microbatches, poison=poison, forward_only=False)
-        loss, tokens = _global_loss(reports)
+        loss, tokens = _global_loss(reports, tp=self.layout.tp)
         extras = self.moe_stats.collect(len(microbatches)) if self.moe_stats is not None else {}
         lr = self.optimizer.param_groups[0]["lr"]
         if not math.isfinite(loss):  # the same global value on every rank, so all ranks skip together
@@ -155,8 +156,8 @@ class TrainModule:
         finally:
             for chunk in self.chunks:
                 chunk.train()
-        loss, tokens = _global_loss(reports)
-        by_position = global_position_losses([r["pos"] for r in reports], spec) if spec else []
+        loss, tokens = _global_loss(reports, tp=self.layout.tp)
+        by_position = global_position_losses([r["pos"] for r in reports], spec, tp=self.layout.tp) if spec else []
         return loss, tokens, by_position
 
     def _run_schedule(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool,
@@ -190,7 +191,7 @@ class TrainModule:
         self.optimizer.get_grad_norm = checked
 
 
-def _global_loss(reports: list[dict]) -> tuple[float, int]:
+def _global_loss(reports: list[dict], *, tp: int) -> tuple[float, int]:
     """Mean loss over the global batch, known on every rank.
 
     Only last-stage ranks hold reports; summing [loss_sum, tokens] over the whole world counts each
@@ -201,11 +202,11 @@ def _global_loss(reports: list[dict]) -> tuple[float, int]:
     for report in reports:
         totals += report["lm"].to(totals)
     dist.all_reduce(totals)
-    tokens = int(totals[1]) // parallel_state.get_tensor_model_parallel_world_size()
+    tokens = int(totals[1]) // tp
     return float(totals[0] / totals[1]), tokens
 
 
-def global_position_losses(sums: list[torch.Tensor], spec: tuple[int, int]) -> list[PositionBucket]:
+def global_position_losses(sums: list[torch.Tensor], spec: tuple[int, int], *, tp: int) -> list[PositionBucket]:
     """Per-bucket mean loss over the whole world (collective), from each report's ``position_sums``.
 
     As in ``_global_loss``: tensor-parallel replicas count alike (tokens / tp), cp and dp ranks simply add up."""
@@ -214,6 +215,5 @@ def global_position_losses(sums: list[torch.Tensor], spec: tuple[int, int]) -> l
     for part in sums:
         totals += part.to(totals)
     dist.all_reduce(totals)
-    tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
     means = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1), float("nan"))
     return [PositionBucket(i * width, (i + 1) * width, float(means[i]), int(totals[1, i]) // tp) for i in range(buckets)]

@@ -33,7 +33,7 @@ class ModelFamily:
     build_model_chunks: Callable
     """``(config, TransformerConfig, vocab_size, ...) -> [GPTModel]`` (the megatron layer spec is inside)."""
     transformer_config: Callable
-    """``(config, *, tp, pp, ...) -> TransformerConfig``."""
+    """``(config, *, layout, moe_dispatcher, precision, recompute, kernels) -> TransformerConfig``."""
     state_dict_adapter: str
     """Module with ``global_from_hf``, ``hf_from_global`` and ``hf_vocab_rows``: HF weight names <-> megatron
     global names (``hf.sharding`` does the layouts)."""

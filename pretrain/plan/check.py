@@ -1,6 +1,6 @@
 """The planner before launch: a layout predicted not to fit a GPU is a config error; on CPU the prediction is logged.
 
-``check_before_launch(job, world_size, tokenizer_vocab)`` is called by the trainer before any process group
+``check_before_launch(job, layout, tokenizer_vocab)`` is called by the trainer before any process group
 starts. On CUDA it looks the device up in the GPU table (by name) and refuses a layout whose predicted
 per-GPU memory exceeds it, naming the largest memory term and the fastest layout that fits the same job.
 On CPU it logs the prediction; ``log_measured(module, job, vocab)`` logs the measured model states beside it
@@ -12,17 +12,20 @@ import dataclasses
 import logging
 
 from common.errors import ConfigError
+from parallel.layout import ParallelLayout
 from pretrain.plan.memory import GiB, Layout, model_states
 
 log = logging.getLogger("pretrain.plan")
 
 
-def layout_of(job, dp: int) -> Layout:
+def layout_of(job, layout: ParallelLayout) -> Layout:
+    """The planner's unit for a job's resolved layout and its step knobs."""
     p, t = job.parallel, job.trainer
-    return Layout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp, dp=dp,
-                  sequence_parallel=p.sequence_parallel, zero=p.zero, micro_batch_size=t.micro_batch_size,
-                  recompute=t.recompute, recompute_modules=tuple(t.recompute_modules),
-                  recompute_num_layers=t.recompute_num_layers, overlap_grad_reduce=p.overlap_grad_reduce)
+    return Layout(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
+                  dp=layout.dp, sequence_parallel=layout.sequence_parallel, zero=layout.zero,
+                  micro_batch_size=t.micro_batch_size, recompute=t.recompute,
+                  recompute_modules=tuple(t.recompute_modules), recompute_num_layers=t.recompute_num_layers,
+                  overlap_grad_reduce=p.overlap_grad_reduce)
 
 
 def _device_gpu():
@@ -43,16 +46,15 @@ def _device_gpu():
     return None
 
 
-def check_before_launch(job, world_size: int, vocab: int, *, gpu=None, log_prediction: bool = True) -> None:
+def check_before_launch(job, layout: ParallelLayout, vocab: int, *, gpu=None, log_prediction: bool = True) -> None:
     """ConfigError if the layout is predicted not to fit ``gpu`` (default: this machine's); else log the
     prediction, unless ``log_prediction`` is False (the local launcher: rank 0 logs it, once per job)."""
     from pretrain.models.decoder.model import padded_vocab_size
     from pretrain.plan.search import estimate, plan
 
     bf16 = job.trainer.precision == "bf16"
-    dp = world_size // job.parallel.model_parallel_size
-    vocab = padded_vocab_size(job.model, vocab, job.parallel.tp)
-    lay = layout_of(job, dp)
+    vocab = padded_vocab_size(job.model, vocab, layout.tp)
+    lay = layout_of(job, layout)
     gpu = gpu or _device_gpu()
     if gpu is None:  # CPU (or an unknown GPU): log what the planner expects this rank to hold
         if not log_prediction:
@@ -69,7 +71,7 @@ def check_before_launch(job, world_size: int, vocab: int, *, gpu=None, log_predi
             log.info("planner: %.1f GiB per GPU predicted of %.1f (%s)", est.memory["total"], gpu.memory_gib,
                      gpu.name)
         return
-    fits = [e for e in plan(job.model, vocab, gpu, gpus=world_size, seq_len=job.data.seq_len,
+    fits = [e for e in plan(job.model, vocab, gpu, gpus=layout.world_size, seq_len=job.data.seq_len,
                             global_batch_size=job.trainer.global_batch_size, bf16=bf16) if e.feasible]
     hint = f"; a layout that fits: {fits[0].layout.describe()}" if fits else "; no layout of this job fits"
     raise ConfigError(f"the layout {lay.describe()} is predicted not to fit a {gpu.name}: {est.reason}{hint} "
@@ -81,17 +83,11 @@ def log_measured(module, job, vocab: int, *, pp_rank: int = 0, dp_rank: int = 0)
     from pretrain.plan.measure import model_state_bytes
 
     measured = model_state_bytes(module)
-    predicted = dataclasses.asdict(model_states(job.model, vocab, layout_of(job, _dp(job, module)),
+    predicted = dataclasses.asdict(model_states(job.model, vocab, layout_of(job, module.layout),
                                                 bf16=job.trainer.precision == "bf16", pp_rank=pp_rank,
                                                 dp_rank=dp_rank))
     log.info("planner vs measured (MiB): " + ", ".join(
         f"{k} {predicted[k] / 2**20:.2f}/{measured[k] / 2**20:.2f}" for k in measured))
-
-
-def _dp(job, module) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() // job.parallel.model_parallel_size
 
 
 __all__ = ["check_before_launch", "log_measured", "layout_of", "GiB"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from parallel.layout import expert_tensor_parallel
 from pretrain.models.config import ModelConfig
 
 GiB = 2**30
@@ -42,7 +43,7 @@ class Layout:
 
     @property
     def expert_tp(self) -> int:
-        return self.etp or self.tp
+        return expert_tensor_parallel(self.tp, self.etp)
 
     @property
     def expert_dp(self) -> int:

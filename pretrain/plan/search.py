@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from common.errors import ConfigError
 from parallel.config import ParallelConfig
+from parallel.layout import ParallelLayout
 from pretrain.models.config import ModelConfig
 from pretrain.models import registry
 from pretrain.plan.hardware import GPU
@@ -75,12 +76,13 @@ def estimate(m: ModelConfig, vocab: int, lay: Layout, gpu: GPU, *, seq_len: int,
 
 
 def check_layout(m: ModelConfig, lay: Layout, *, gpus: int, seq_len: int, global_batch_size: int) -> str:
-    """The trainer's own checks (``ParallelConfig.validate`` and the batch geometry): '' or the reason."""
+    """The trainer's own checks (``ParallelLayout.resolve`` / ``check_model`` and the batch geometry): '' or the reason."""
     try:
         parallel = ParallelConfig(tp=lay.tp, pp=lay.pp, vpp=lay.vpp, cp=lay.cp, ep=lay.ep, etp=lay.etp, dp=lay.dp,
                                   sequence_parallel=lay.sequence_parallel, zero=lay.zero)
-        parallel.validate(world_size=gpus, num_layers=m.num_layers, num_heads=m.num_heads,
-                          num_kv_heads=m.num_kv_heads, num_experts=m.num_experts, seq_len=seq_len)
+        ParallelLayout.resolve(parallel, world_size=gpus).check_model(
+            num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, num_experts=m.num_experts,
+            seq_len=seq_len)
     except ConfigError as exc:
         return str(exc)
     per_step = lay.micro_batch_size * lay.dp

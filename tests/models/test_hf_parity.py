@@ -88,10 +88,14 @@ def _setup(layout: dict) -> None:
 
 
 def _build(model, layout: dict):
+    import torch.distributed as dist
+
+    from parallel.config import ParallelConfig
+    from parallel.layout import ParallelLayout
     from pretrain.models.decoder.model import build_model_chunks, transformer_config
 
-    config = transformer_config(model, tp=layout.get("tp", 1), pp=layout.get("pp", 1), vpp=layout.get("vpp", 1),
-                                ep=layout.get("ep", 1), etp=layout.get("etp"))
+    config = transformer_config(model, layout=ParallelLayout.resolve(ParallelConfig(**layout),
+                                                                      world_size=dist.get_world_size()))
     return build_model_chunks(model, config, MEGATRON_VOCAB)
 
 

@@ -1,7 +1,7 @@
 """Layouts that cannot run are refused with a ConfigError naming the field, before any process group starts.
 
 Complements tests/pretrain/test_config.py (which goes through Hydra with the tiny presets): here the
-checks run on ``ParallelConfig`` and ``validate_job`` directly, with the shapes of real Qwen2 presets.
+checks run on ``ParallelConfig``, ``ParallelLayout`` and ``validate_job`` directly, with the shapes of real Qwen2 presets.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 from common.errors import ConfigError
 from parallel.config import ParallelConfig
+from parallel.launch import local_world_size
+from parallel.layout import ParallelLayout
 from pretrain.config import DataConfig, JobConfig, TrainerConfig, WandbConfig, validate_job
 from pretrain.models.config import ModelConfig
 
@@ -44,8 +46,9 @@ def test_layout_refused_on_its_own(layout, message):
 @pytest.mark.parametrize("zero", [2, 3])
 def test_offload_is_accepted_with_deepspeed_stages(zero):
     p = ParallelConfig(zero=zero, offload_optimizer=True)
-    assert p.validate(world_size=4, seq_len=4096, **QWEN2_7B) == 4
-    assert "offload" in p.describe(4)
+    layout = ParallelLayout.resolve(p, world_size=4).check_model(seq_len=4096, **QWEN2_7B)
+    assert layout.dp == 4
+    assert "offload" in layout.describe()
 
 
 @pytest.mark.parametrize(
@@ -80,7 +83,7 @@ def test_offload_is_accepted_with_deepspeed_stages(zero):
 )
 def test_layout_refused_against_model_and_world(layout, world_size, shape, seq_len, message):
     with pytest.raises(ConfigError) as err:
-        ParallelConfig(**layout).validate(world_size=world_size, seq_len=seq_len, **shape)
+        ParallelLayout.resolve(ParallelConfig(**layout), world_size=world_size).check_model(seq_len=seq_len, **shape)
     assert message in str(err.value)
 
 
@@ -97,15 +100,16 @@ def test_layout_refused_against_model_and_world(layout, world_size, shape, seq_l
 )
 def test_valid_layouts_pass(layout, world_size, shape):
     p = ParallelConfig(**layout)
-    assert p.validate(world_size=world_size, seq_len=4096, **shape) == world_size // (p.tp * p.pp * p.cp)
+    layout = ParallelLayout.resolve(p, world_size=world_size).check_model(seq_len=4096, **shape)
+    assert layout.dp == world_size // (p.tp * p.pp * p.cp)
 
 
 def test_context_parallel_world_size_and_description():
     p = ParallelConfig(tp=2, cp=2)
-    assert p.local_world_size == 4 and p.resolve_dp(8) == 2
-    assert p.describe(2) == "tp=2 pp=1 cp=2 dp=2 zero=1"
+    assert local_world_size(p) == 4 and ParallelLayout.resolve(p, world_size=8).dp == 2
+    assert ParallelLayout.resolve(p, world_size=8).describe() == "tp=2 pp=1 cp=2 dp=2 zero=1"
     # a bare MoE launch starts enough ranks for the expert groups, counting cp ranks: tp × cp × dp >= ep
-    assert ParallelConfig(cp=2, ep=4).local_world_size == 4
+    assert local_world_size(ParallelConfig(cp=2, ep=4)) == 4
 
 
 def test_context_parallel_needs_the_sdpa_attention():
@@ -114,7 +118,7 @@ def test_context_parallel_needs_the_sdpa_attention():
     with pytest.raises(ConfigError, match="parallel.cp=2 needs model.attention_backend=sdpa"):
         validate_job(job, world_size=2)
     job.model.attention_backend = "auto"
-    assert validate_job(job, world_size=2) == 1
+    assert validate_job(job, world_size=2).dp == 1
 
 
 def _job(parallel: ParallelConfig, **trainer) -> JobConfig:
@@ -125,7 +129,7 @@ def _job(parallel: ParallelConfig, **trainer) -> JobConfig:
 def test_interleaved_schedule_needs_microbatches_in_multiples_of_pp():
     # 8 sequences / (2 per microbatch × dp 2) = 2 microbatches; pp=2 ok, but with dp=4: 1 microbatch.
     ok = _job(ParallelConfig(pp=2, vpp=2), global_batch_size=8, micro_batch_size=2)
-    assert validate_job(ok, world_size=4) == 2
+    assert validate_job(ok, world_size=4).dp == 2
     with pytest.raises(ConfigError, match="multiple of parallel.pp=2"):
         validate_job(_job(ParallelConfig(pp=2, vpp=2), global_batch_size=8, micro_batch_size=2), world_size=8)
 

@@ -156,7 +156,7 @@ def _run_case(rank: int, world_size: int, name: str, hf_dir: Path) -> dict:
 
     kind, layout, precision, _ = _case(name)
     job = _job(hf_dir, layout, precision, poison=name.endswith("poison"), z_loss=Z_LOSS if kind == "moez" else None)
-    dp = validate_job(job, world_size=world_size)
+    dp = validate_job(job, world_size=world_size).dp
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     mesh = init_distributed(job.parallel, seed=job.trainer.seed)

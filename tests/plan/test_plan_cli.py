@@ -47,6 +47,7 @@ def test_table_and_bad_gpu():
 
 def test_prelaunch_check_names_largest_term_and_a_layout_that_fits():
     from parallel.config import ParallelConfig
+    from parallel.layout import ParallelLayout
     from pretrain.config import DataConfig, JobConfig, TrainerConfig
     from pretrain.models.config import ModelConfig
     from pretrain.plan.check import check_before_launch
@@ -58,5 +59,5 @@ def test_prelaunch_check_names_largest_term_and_a_layout_that_fits():
                     trainer=TrainerConfig(micro_batch_size=2, global_batch_size=64, precision="bf16"))
     with pytest.raises(ConfigError, match=r"predicted not to fit a H100 SXM 80GB: needs .* \(largest: "
                                           r"(gradients|activations|optimizer_state).*a layout that fits: tp"):
-        check_before_launch(job, 8, None, gpu=GPUS["h100_80gb"])
-    check_before_launch(job, 8, None, gpu=None)  # CPU: logs only
+        check_before_launch(job, ParallelLayout.resolve(job.parallel, world_size=8), None, gpu=GPUS["h100_80gb"])
+    check_before_launch(job, ParallelLayout.resolve(job.parallel, world_size=8), None, gpu=None)  # CPU: logs only

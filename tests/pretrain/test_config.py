@@ -20,7 +20,7 @@ def test_default_config_composes_to_typed_objects():
     j = job()
     assert isinstance(j, JobConfig)
     assert (j.parallel.tp, j.model.name, j.model.rope_base) == (2, "qwen2_tiny", 1e6)
-    assert validate_job(j, world_size=2) == 1  # dp
+    assert validate_job(j, world_size=2).dp == 1
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_section_checks_name_the_field(overrides, message):
 
 
 def test_deepspeed_zero_trains_but_refuses_async_save():
-    assert validate_job(job("parallel=zero3"), world_size=2) == 2  # the training CLI runs ZeRO-2/3 ...
+    assert validate_job(job("parallel=zero3"), world_size=2).dp == 2  # the training CLI runs ZeRO-2/3 ...
     with pytest.raises(ConfigError, match="trainer.async_save=true is not supported with parallel.zero=3"):
         validate_job(job("parallel=zero3", "trainer.async_save=true"), world_size=2)  # ... but writes synchronously
 

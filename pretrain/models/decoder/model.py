@@ -8,6 +8,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from common.errors import ConfigError
+from parallel.layout import ParallelLayout
 from pretrain.models import rope_embedding
 from pretrain.models.config import ModelConfig
 from pretrain.models.decoder.loss import DecoderGPTModel
@@ -31,14 +32,7 @@ def padded_vocab_size(model: ModelConfig, tokenizer_vocab: int | None, tp: int) 
 def transformer_config(
     model: ModelConfig,
     *,
-    tp: int = 1,
-    pp: int = 1,
-    vpp: int = 1,
-    cp: int = 1,
-    ep: int = 1,
-    etp: int | None = None,
-    dp: int = 1,
-    sequence_parallel: bool = False,
+    layout: ParallelLayout | None = None,
     moe_dispatcher: str = "alltoall",
     bf16: bool = False,
     recompute: str = "none",
@@ -50,8 +44,11 @@ def transformer_config(
     moe_grouped_gemm: bool = False,
     on_cuda: bool = torch.cuda.is_available(),
 ) -> TransformerConfig:
-    """Map a model shape, a parallel layout, activation recompute (``trainer.recompute*``) and the kernel knobs
-    (resolved by :func:`resolve_kernels`) onto megatron-core's ``TransformerConfig``."""
+    """Map a model shape, a resolved parallel layout (default: one process), activation recompute
+    (``trainer.recompute*``) and the kernel knobs (resolved by :func:`resolve_kernels`) onto megatron-core's
+    ``TransformerConfig``."""
+    layout = layout or ParallelLayout.single()
+    tp, cp, sequence_parallel = layout.tp, layout.cp, layout.sequence_parallel
     moe = {}
     if model.is_moe:
         # With per-token loss (calculate_per_token_loss, what TrainModule uses) megatron-core 0.16.1 weights
@@ -71,7 +68,7 @@ def transformer_config(
         # partial too, and the gradient came out dp times too small (measured, 2-rank dp vs the hand-computed
         # loss: tests/models/test_global_aux_loss.py): its coefficient takes the dp factor as well.
         if model.moe_load_balancing == "global_batch":
-            token_shards *= dp
+            token_shards *= layout.dp
         moe = dict(
             num_moe_experts=model.num_experts,
             moe_router_topk=model.moe_topk,
@@ -110,15 +107,15 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_std,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
         # Context parallel: megatron-core slices RoPE and the pipeline buffers per cp rank and reduces
         # gradients over dp × cp; the attention itself is our SDPAttention (its own needs TransformerEngine).
-        context_parallel_size=cp,
-        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp if etp is not None else tp,
-        sequence_parallel=sequence_parallel,
+        context_parallel_size=layout.cp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        sequence_parallel=layout.sequence_parallel,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from parallel.layout import ParallelLayout, expert_tensor_parallel
 from pretrain.models.config import ModelConfig
 from pretrain.models.hf.checkpoint import ConversionError
 
@@ -54,7 +55,8 @@ class Layout:
     ep: int = 1
     ep_rank: int = 0
     etp: int | None = None
-    """Expert tensor-parallel degree; None = tp (then ``etp_rank`` is ignored and ``tp_rank`` used)."""
+    """Expert tensor-parallel degree; None = the default (``parallel.layout.expert_tensor_parallel``: tp), then
+    ``etp_rank`` is ignored and ``tp_rank`` used (the expert and dense tensor-parallel groups coincide)."""
     etp_rank: int = 0
 
     def __post_init__(self) -> None:
@@ -66,7 +68,7 @@ class Layout:
 
     @property
     def expert_tp(self) -> int:
-        return self.tp if self.etp is None else self.etp
+        return expert_tensor_parallel(self.tp, self.etp)
 
     @property
     def expert_tp_rank(self) -> int:
@@ -96,6 +98,13 @@ class Layout:
             raise ConversionError(f"parallel ep={self.ep} does not divide the model's {model.num_experts} experts")
         n = model.num_experts // self.ep
         return range(self.ep_rank * n, (self.ep_rank + 1) * n)
+
+    @classmethod
+    def of(cls, layout: ParallelLayout, *, tp_rank: int = 0, pp_rank: int = 0, vp_stage: int = 0, ep_rank: int = 0,
+           etp_rank: int = 0) -> "Layout":
+        """The shard a rank at these coordinates holds under a job's resolved layout."""
+        return cls(tp=layout.tp, tp_rank=tp_rank, pp=layout.pp, pp_rank=pp_rank, vpp=layout.vpp, vp_stage=vp_stage,
+                   ep=layout.ep, ep_rank=ep_rank, etp=layout.etp, etp_rank=etp_rank)
 
     @classmethod
     def current(cls, vp_stage: int | None = None) -> "Layout":
