@@ -315,6 +315,39 @@ def _mismatches(ref: list[list[int]], other: list[list[int]], texts: list[str], 
             "examples": bad[:5]}
 
 
+def _tokenize_rows(results: dict, ids: dict, what: dict, loads: dict, *, workers: int, n_bytes: int) -> tuple[dict, str]:
+    """Per method: tokens, median seconds (the stage: its steady time, and its wall time), rates, and the ratio to
+    the fastest. Returns (rows, key of the fastest)."""
+    rows = {}
+    for key, res in results.items():
+        walls = [r["wall_s"] for r in res]
+        tokens = sum(map(len, ids[key]))
+        if key.startswith("a_"):
+            b = key.removeprefix("a_stage_")
+            steady = [r["steady_s"] for r in res]
+            rows[key] = {"what": f"this project's tokenize stage, backend={b} ({workers} workers, {workers} tasks)",
+                         "tokens": tokens, "seconds": median(steady),
+                         "seconds_all": steady, "wall_s": median(walls), "wall_s_all": walls,
+                         "encoder_load_s": median([r["load_s"] for r in res]),
+                         "documents_per_engine": res[0]["documents_per_engine"]}
+        else:
+            rows[key] = {"what": what[key], "tokens": tokens, "seconds": median(walls), "seconds_all": walls,
+                         "load_s": loads[key]}
+    for row in rows.values():
+        row["tokens_per_s"] = row["tokens"] / row["seconds"]
+        row["mb_per_s"] = n_bytes / row["seconds"] / 1e6
+    # "fastest": the highest median rate among the tokenizers run alone on the in-memory texts (b, c, d)
+    fastest_key = max((k for k in rows if not k.startswith("a_")), key=lambda k: rows[k]["tokens_per_s"])
+    fastest = rows[fastest_key]["tokens_per_s"]
+    for key, row in rows.items():
+        row["ratio_to_fastest"] = row["tokens_per_s"] / fastest
+        if key.startswith("a_"):
+            row["tokens_per_s_wall"] = row["tokens"] / row["wall_s"]
+            row["mb_per_s_wall"] = n_bytes / row["wall_s"] / 1e6
+            row["ratio_to_fastest_wall"] = row["tokens_per_s_wall"] / fastest
+    return rows, fastest_key
+
+
 def bench_tokenize(args, records: list[dict], work: Path) -> dict:
     from data_pipeline.config import DataPipelineConfig, TokenizerConfig
     from data_pipeline.encoders import available
@@ -370,34 +403,7 @@ def bench_tokenize(args, records: list[dict], work: Path) -> dict:
             "d_tiktoken": f"tiktoken {harness.dist_version('tiktoken')} encode_ordinary ({cores} processes)"}
     if "c_bpe_qwen" in runners:
         what["c_bpe_qwen"] = f"bpe-qwen {bq_version} encode_batch_parallel alone ({cores} threads)"
-    rows = {}
-    for key, res in results.items():
-        walls = [r["wall_s"] for r in res]
-        tokens = sum(map(len, ids[key]))
-        if key.startswith("a_"):
-            b = key.removeprefix("a_stage_")
-            steady = [r["steady_s"] for r in res]
-            rows[key] = {"what": f"this project's tokenize stage, backend={b} ({args.workers} workers, "
-                                 f"{args.workers} tasks)", "tokens": tokens, "seconds": median(steady),
-                         "seconds_all": steady, "wall_s": median(walls), "wall_s_all": walls,
-                         "encoder_load_s": median([r["load_s"] for r in res]),
-                         "documents_per_engine": res[0]["documents_per_engine"]}
-        else:
-            rows[key] = {"what": what[key], "tokens": tokens, "seconds": median(walls), "seconds_all": walls,
-                         "load_s": loads[key]}
-    for row in rows.values():
-        row["tokens_per_s"] = row["tokens"] / row["seconds"]
-        row["mb_per_s"] = n_bytes / row["seconds"] / 1e6
-    # "fastest": the highest median rate among the tokenizers run alone on the in-memory texts (b, c, d)
-    fastest_key = max((k for k in rows if not k.startswith("a_")), key=lambda k: rows[k]["tokens_per_s"])
-    fastest = rows[fastest_key]["tokens_per_s"]
-    for key, row in rows.items():
-        row["ratio_to_fastest"] = row["tokens_per_s"] / fastest
-        if key.startswith("a_"):
-            row["tokens_per_s_wall"] = row["tokens"] / row["wall_s"]
-            row["mb_per_s_wall"] = n_bytes / row["wall_s"] / 1e6
-            row["ratio_to_fastest_wall"] = row["tokens_per_s_wall"] / fastest
-
+    rows, fastest_key = _tokenize_rows(results, ids, what, loads, workers=args.workers, n_bytes=n_bytes)
     unique = len(records)  # repeated copies tokenize alike: compare the first copy
     ref = ids["b_hf_encode_batch"][:unique]
     checks = {}

@@ -533,7 +533,7 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
     result: dict = {"name": "peer", "impl": f"transformers {transformers.__version__} "
                     f"{'Qwen2MoeForCausalLM' if moe else 'Qwen2ForCausalLM'} (sdpa; {precision})",
                     "memory_baseline_gib": _memory_start()}
-    model = opt = master = params = step = None
+    model = step = None
     try:
         torch.manual_seed(args.seed)
         with dev:
@@ -551,50 +551,58 @@ def run_peer(job, args: argparse.Namespace, batch: list[dict], weights: dict | N
         if args.compile:
             # The scope trainer.compile gives ours: per decoder layer (MoE: per attention block).
             result["compiled"] = compile_layers(model.model.layers, moe=moe, attention="self_attn")
-        o = job.optim
-        params = list(model.parameters())  # tied embedding counted once
-
-        def make_optimizer(ps):  # no weight decay on biases and norms, as megatron's default
-            return torch.optim.AdamW([{"params": [p for p in ps if p.ndim >= 2], "weight_decay": o.weight_decay},
-                                      {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}],
-                                     lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                     **({"fused": True} if on_gpu else {"foreach": True}))
-
-        if mode == "master":
-            master = _MasterWeights(params, make_optimizer)
-        else:
-            opt = make_optimizer(params)
-        result["optimizer"] = f"torch.optim.AdamW ({'fused' if on_gpu else 'foreach'})"
-        coef = config.router_aux_loss_coef if moe else 0.0
         autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-
-        def step() -> float:
-            ce_total = 0.0
-            for mb in batch:
-                with autocast():
-                    out = model(input_ids=mb["tokens"], labels=mb["tokens"])
-                (out.loss / len(batch)).backward()
-                ce = out.loss.detach().float()
-                if moe:  # the reported loss is the cross-entropy alone, as ours reports it
-                    ce = ce - coef * out.aux_loss.detach().float()
-                ce_total += ce / len(batch)
-            if master is not None:
-                master.step(o.clip_grad)
-            else:
-                if o.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(params, o.clip_grad, foreach=True)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return float(ce_total)
-
+        step = _peer_step(model, batch, job.optim, master_weights=mode == "master", fused=on_gpu, autocast=autocast,
+                          aux_loss_coef=config.router_aux_loss_coef if moe else None)
+        result["optimizer"] = f"torch.optim.AdamW ({'fused' if on_gpu else 'foreach'})"
         counters_before = _compile_counters() if args.compile else None
         _measure(step, args, result, counters_before)
     except Exception as exc:  # noqa: BLE001 - record OOM and carry on
         _record_error(exc, result)
     finally:
-        model = opt = master = params = step = None  # noqa: F841
+        model = step = None  # noqa: F841 - the step holds the optimizer and master weights: all freed
         _free_memory()
     return result
+
+
+def _peer_step(model, batch: list[dict], o, *, master_weights: bool, fused: bool, autocast, aux_loss_coef):
+    """The peer's training step, ours' optimizer settings (``o``: the job's ``optim``): torch AdamW with the same
+    lr, betas, eps, weight decay (none on biases and norms, megatron's default) and grad clip, on fp32 master
+    weights (``master_weights``) or on the model's own. Returns step() -> the cross-entropy (MoE: without the
+    load-balancing loss, ``aux_loss_coef`` x ``aux_loss``, as ours reports it)."""
+    import torch
+
+    params = list(model.parameters())  # tied embedding counted once
+
+    def make_optimizer(ps):
+        return torch.optim.AdamW([{"params": [p for p in ps if p.ndim >= 2], "weight_decay": o.weight_decay},
+                                  {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}],
+                                 lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                 **({"fused": True} if fused else {"foreach": True}))
+
+    master = _MasterWeights(params, make_optimizer) if master_weights else None
+    opt = None if master_weights else make_optimizer(params)
+
+    def step() -> float:
+        ce_total = 0.0
+        for mb in batch:
+            with autocast():
+                out = model(input_ids=mb["tokens"], labels=mb["tokens"])
+            (out.loss / len(batch)).backward()
+            ce = out.loss.detach().float()
+            if aux_loss_coef is not None:
+                ce = ce - aux_loss_coef * out.aux_loss.detach().float()
+            ce_total += ce / len(batch)
+        if master is not None:
+            master.step(o.clip_grad)
+        else:
+            if o.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(params, o.clip_grad, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(ce_total)
+
+    return step
 
 
 # --------------------------------------------------------------------------------------------------
@@ -699,6 +707,40 @@ def record_row(doc: dict, path: Path = harness.RESULTS_MD) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+def _config_doc(args: argparse.Namespace, job, *, bf16: bool) -> dict:
+    return {
+        "model": job.model.name, "layers": job.model.num_layers, "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch, "microbatches": args.microbatches,
+        "tokens_per_step": args.microbatches * args.micro_batch * args.seq_len,
+        "steps": args.steps, "warmup": args.warmup, "vocab_size": job.model.vocab_size,
+        "precision": job.trainer.precision, "attention": args.attention, "recompute": args.recompute,
+        "recompute_modules": args.recompute_modules if args.recompute == "selective" else None,
+        "compile": args.compile, "ours_adam": args.ours_adam, "peer": args.peer,
+        "sdpa_backend": args.sdpa_backend,
+        "peer_precision": args.peer_precision if bf16 else "fp32", "dry_run": args.dry_run,
+        "overrides": args.override,
+        "kernels": _kernels(job),
+    }
+
+
+def _machine_doc(dev_name: str | None) -> dict:
+    """The device (None: the CPU) and the software that ran."""
+    import megatron.core
+    import torch
+    import transformers
+
+    on_gpu = dev_name is not None
+    return {
+        "device": dev_name or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+        "megatron_core": getattr(megatron.core, "__version__", "?"), "python": platform.python_version(),
+        "sdp_backends": ({"flash": torch.backends.cuda.flash_sdp_enabled(),
+                          "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                          "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                          "math": torch.backends.cuda.math_sdp_enabled()} if on_gpu else None),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -710,9 +752,6 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu and not args.dry_run:
         print("bench_throughput: no CUDA device; use --dry-run for the CPU plumbing check", file=sys.stderr)
         return 2
-    import megatron.core
-    import transformers
-
     from parallel.mesh import destroy_distributed, device, init_distributed
     from pretrain.models.decoder.flops import flops_per_token, param_count
 
@@ -741,28 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_throughput",
         "command": harness.command_line("bench_throughput.py", args.argv, OUTPUT_OPTIONS),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {
-            "model": job.model.name, "layers": job.model.num_layers, "seq_len": args.seq_len,
-            "micro_batch": args.micro_batch, "microbatches": args.microbatches,
-            "tokens_per_step": args.microbatches * args.micro_batch * args.seq_len,
-            "steps": args.steps, "warmup": args.warmup, "vocab_size": job.model.vocab_size,
-            "precision": job.trainer.precision, "attention": args.attention, "recompute": args.recompute,
-            "recompute_modules": args.recompute_modules if args.recompute == "selective" else None,
-            "compile": args.compile, "ours_adam": args.ours_adam, "peer": args.peer,
-            "sdpa_backend": args.sdpa_backend,
-            "peer_precision": args.peer_precision if bf16 else "fp32", "dry_run": args.dry_run,
-            "overrides": args.override,
-            "kernels": _kernels(job),
-        },
-        "machine": {
-            "device": dev_name or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "megatron_core": getattr(megatron.core, "__version__", "?"), "python": platform.python_version(),
-            "sdp_backends": ({"flash": torch.backends.cuda.flash_sdp_enabled(),
-                              "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
-                              "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
-                              "math": torch.backends.cuda.math_sdp_enabled()} if on_gpu else None),
-        },
+        "config": _config_doc(args, job, bf16=bf16),
+        "machine": _machine_doc(dev_name),
         "flops_per_token": fpt,
         "flops_per_token_causal": fpt_causal,
         "flops_formula": "6 * active matmul params (incl. output layer) + 12 * layers * heads * head_dim * seq; "
