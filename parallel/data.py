@@ -7,6 +7,8 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from parallel.mesh import is_logging_rank
+
 log = logging.getLogger(__name__)
 
 
@@ -34,4 +36,8 @@ def apply_ddp(
     ]
     for chunk in wrapped:
         chunk.broadcast_params()  # every data-parallel replica starts from rank 0's weights
+    if is_logging_rank():
+        log.info("data parallel: megatron-core DDP on %d chunk%s, fp32 gradient reduction%s%s", len(wrapped),
+                 "s" if len(wrapped) > 1 else "", ", ZeRO-1 (distributed optimizer)" if zero == 1 else "",
+                 ", overlapped with backward" if overlap_grad_reduce else "")
     return wrapped

@@ -22,6 +22,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_logging_rank() -> bool:
+    """Rank 0, or a process without a process group: where one-per-job log lines are written."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def device() -> torch.device:
     """The one device seam: this rank's GPU when CUDA is present, else the CPU."""
     if torch.cuda.is_available():

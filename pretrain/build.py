@@ -1,4 +1,4 @@
-"""Assemble a Trainer from a validated JobConfig, in the order things must happen."""
+"""Assemble a Trainer from a validated JobConfig, in the order things must happen (docs/architecture.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ from megatron.core.transformer.module import Float16Module
 
 from parallel.data import apply_ddp
 from parallel.layout import ParallelLayout
-from parallel.mesh import Mesh
+from parallel.mesh import Mesh, is_logging_rank
 from pretrain.callbacks import ConsoleLogger, MetricsFile, PlannerVsMeasured, Throughput, WandbLogger
 from pretrain.checkpoint import Checkpointer, check_resumable
 from pretrain.config import JobConfig
@@ -20,53 +20,57 @@ from pretrain.models import registry, rope_scaling
 from pretrain.models.decoder.model import padded_vocab_size, resolve_kernels
 from pretrain.optim import build_optimizer
 from pretrain.preflight import check_resume_shape, vocab_padding_note
-from pretrain.train_module import TrainModule
+from pretrain.train_module import BaseTrainModule, TrainModule
 from pretrain.trainer import Trainer
 
 log = logging.getLogger("pretrain")
 
 
 def build_train_module(job: JobConfig, vocab_size: int, *, layout: ParallelLayout | None = None,
-                       init_weights: bool = True) -> TrainModule:
-    """Model chunks for this rank -> bf16 wrapper -> data parallel -> optimizer (process groups must exist).
+                       init_weights: bool = True) -> BaseTrainModule:
+    """This rank's train module, built in the order each technique must be applied (process groups must exist).
 
     ``layout``: the job's resolved layout (``Mesh.layout``); None resolves ``job.parallel`` on this process
     group's world size. ``parallel.zero`` 2/3 hands the (single, tp = pp = 1) chunk to DeepSpeed instead of
-    megatron's DDP + optimizer: a ``DeepSpeedTrainModule`` with the same ``train_batch`` contract.
+    megatron's DDP + optimizer: a ``DeepSpeedTrainModule``, the same ``BaseTrainModule`` interface.
+    Every step below (and every ``apply_*`` step of ``transformer_config``) logs one line of what it applied.
     """
     layout = layout or ParallelLayout.resolve(job.parallel, world_size=dist.get_world_size())
-    p, t, bf16 = job.parallel, job.trainer, job.trainer.precision == "bf16"
-    family = registry.get(job.model.family)  # the model's config -> megatron config and layer spec
+    t, family = job.trainer, registry.get(job.model.family)
     kernels = resolve_kernels(t)  # trainer.fused_swiglu / cross_entropy / moe_grouped_gemm, auto resolved
-    config = family.transformer_config(
-        job.model, layout=layout, moe_dispatcher=p.moe_dispatcher, bf16=bf16, recompute=t.recompute, recompute_modules=tuple(t.recompute_modules),
-        recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers, **kernels,
-    )
+    # 1. megatron's TransformerConfig: the model's shape, then the layout (TP/SP/PP/VPP/CP/EP/ETP), MoE routing and
+    #    loss scaling, precision, recompute and kernels, one named step each (decoder.model.transformer_config).
+    config = family.transformer_config(job.model, layout=layout, moe_dispatcher=job.parallel.moe_dispatcher,
+                                       precision=t.precision, recompute=t.recompute_config, kernels=kernels)
     # TrainModule's loss is a per-token sum that megatron divides by the global token count; DDP reads
     # this flag when it is built to sum (not average) gradients over dp. Set later, gradients and the
     # reported norm came out dp times too small and clipping acted at dp x optim.clip_grad.
     config.calculate_per_token_loss = True
+    # 2. This rank's model chunks: megatron splits the layers, heads and experts as the config says.
     ce_chunk = t.cross_entropy_chunk if kernels["cross_entropy"] == "chunked" else 0
     chunks = family.build_model_chunks(job.model, config, vocab_size, cross_entropy_chunk=ce_chunk)
-    if init_weights and job.model.init_from is not None:  # before the optimizer copies the weights
-        from pretrain.convert import init_chunks_from
-
-        init_chunks_from(chunks, job.model, job.model.init_from)
-    if t.compile:  # on the bare GPTModels, before any wrapper (compilation itself happens at the first step)
+    # 3. Pretrained weights: before the optimizer copies them.
+    if init_weights and job.model.init_from is not None:
+        apply_init_from(chunks, job.model)
+    # 4. torch.compile: on the bare GPTModels, before any wrapper (compilation itself happens at the first step).
+    if t.compile:
         from pretrain.models.decoder.compile import apply_compile
 
         apply_compile(chunks, moe=job.model.is_moe)
-    if layout.deepspeed:  # DeepSpeed keeps its own bf16 copy and fp32 master partitions: no Float16Module
+    # 5. ZeRO-2/3: DeepSpeed keeps its own bf16 copy, fp32 master partitions and optimizer; the build ends here.
+    if layout.deepspeed:
         from pretrain.deepspeed_module import build_deepspeed_train_module
 
         (model,) = chunks
         return build_deepspeed_train_module(job, layout, config, model)
-    if bf16:
-        # bf16 weights and activations; the optimizer keeps fp32 master copies.
-        chunks = [Float16Module(config, chunk) for chunk in chunks]
-    chunks = apply_ddp(chunks, config, zero=layout.zero, overlap_grad_reduce=p.overlap_grad_reduce)
-    optimizer, scheduler = build_optimizer(job.optim, chunks, bf16=bf16, zero=layout.zero,
-                                           total_steps=job.trainer.steps)
+    # 6. bf16 weights and activations (the optimizer keeps fp32 master copies).
+    if t.precision == "bf16":
+        chunks = apply_bf16(chunks, config)
+    # 7. Data parallel: megatron-core DDP, ZeRO-1 buffers for the distributed optimizer.
+    chunks = apply_ddp(chunks, config, zero=layout.zero, overlap_grad_reduce=job.parallel.overlap_grad_reduce)
+    # 8. The optimizer and its LR schedule, over the DDP buffers.
+    optimizer, scheduler = build_optimizer(job.optim, chunks, bf16=t.precision == "bf16", zero=layout.zero,
+                                           total_steps=t.steps)
     moe_stats = None
     if job.model.is_moe:
         from pretrain.moe_stats import MoEStats
@@ -74,7 +78,23 @@ def build_train_module(job: JobConfig, vocab_size: int, *, layout: ParallelLayou
         moe_stats = MoEStats(chunks, job.model.num_layers, job.model.num_experts, tp=layout.tp,
                              sequence_parallel=layout.sequence_parallel)
     return TrainModule(chunks, config, optimizer, scheduler, layout=layout, seq_len=job.data.seq_len,
-                       micro_batch_size=job.trainer.micro_batch_size, moe_stats=moe_stats)
+                       micro_batch_size=t.micro_batch_size, moe_stats=moe_stats)
+
+
+def apply_init_from(chunks: list, model) -> None:
+    """``model.init_from``: overwrite the freshly built chunks with pretrained weights (HF dir or checkpoint)."""
+    from pretrain.convert import init_chunks_from
+
+    init_chunks_from(chunks, model, model.init_from)
+    if is_logging_rank():
+        log.info("pretrained weights: %s", model.init_from)
+
+
+def apply_bf16(chunks: list, config) -> list:
+    """Wrap each chunk in megatron's ``Float16Module`` (bf16 parameters; inputs cast, fp32 logits out)."""
+    if is_logging_rank():
+        log.info("bf16: Float16Module on %d chunk%s", len(chunks), "s" if len(chunks) > 1 else "")
+    return [Float16Module(config, chunk) for chunk in chunks]
 
 
 def build_trainer(job: JobConfig, run_dir: Path, mesh: Mesh, shards: Shards) -> Trainer:

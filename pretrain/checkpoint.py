@@ -20,13 +20,15 @@ directory. A checkpoint that fails verification (truncated, corrupted) is skippe
 it, and the newest one that verifies is used. Rank 0 alone reads the files to verify them and
 broadcasts its choice, so a checkpoint is checksummed once per job, not once per process.
 
-What a backend writes and reads is the only difference between the two (``_TorchDistState``,
-``_DeepSpeedState``); the temporary directory, checksums, publishing, pruning and RNG files are shared.
+What a train module writes and reads is the only difference between the two: its ``checkpoint_state()``
+(``TorchDistState``, ``DeepSpeedState``: the ``CheckpointState`` interface); the temporary directory, checksums,
+publishing, pruning and RNG files are shared.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+from abc import ABC, abstractmethod
 import logging
 import os
 import random
@@ -208,20 +210,20 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self.wait()  # one save in flight at a time, published in order
         dist.barrier()
-        backend = _backend(train_module)
+        backend = train_module.checkpoint_state()
         rng = _rng_state()  # as of this step; written after the backend's files (see _write_rng)
         if self.async_save:
             # The tensors are staged now; a background writer stores them while training goes on, and the
             # checkpoint is published (renamed, pointed to) once every rank's writer has finished.
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-            request = backend.write_async(tmp, train_module, trainer_state)
+            request = backend.write_async(tmp, trainer_state)
             _write_rng(tmp, rng)  # before this rank can vote the save finished, so before the publish
             request.add_finalize_fn(lambda: self._publish(tmp, final))
             self._queue = self._queue or AsyncCallsQueue()
             self._queue.schedule_async_request(request)
             return final
-        backend.write(tmp, train_module, trainer_state)
+        backend.write(tmp, trainer_state)
         _write_rng(tmp, rng)
         dist.barrier()
         self._publish(tmp, final)
@@ -254,8 +256,9 @@ class Checkpointer:
 
     def load(self, path: Path, train_module) -> dict:
         """Load model, optimizer, schedule and RNG from ``path``; return the trainer state saved with them."""
-        check_resumable(path, zero=getattr(train_module, "zero", None), dp=dist.get_world_size())
-        trainer_state = _backend(train_module).read(path, train_module)
+        backend = train_module.checkpoint_state()
+        check_resumable(path, zero=backend.zero, dp=dist.get_world_size())
+        trainer_state = backend.read(path)
         rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
         saved_world = len(list((path / "rng").glob("rank_*.pt")))
         if saved_world == dist.get_world_size() and rng_file.is_file():
@@ -266,20 +269,43 @@ class Checkpointer:
         return trainer_state
 
 
-class _TorchDistState:
+class CheckpointState(ABC):
+    """A train module's state as a checkpoint writes and reads it (``BaseTrainModule.checkpoint_state()``)."""
+
+    zero: int | None = None
+    """The DeepSpeed ZeRO stage whose partitions it writes; None: megatron-core ``torch_dist`` (any layout loads it)."""
+
+    def __init__(self, train_module) -> None:
+        self.train_module = train_module
+
+    @abstractmethod
+    def write(self, tmp: Path, trainer_state: dict) -> None:
+        """Write the state (and ``trainer_state``) into the temporary checkpoint directory ``tmp`` (collective)."""
+
+    @abstractmethod
+    def write_async(self, tmp: Path, trainer_state: dict):
+        """Stage the state and return an AsyncRequest that writes it in the background."""
+
+    @abstractmethod
+    def read(self, path: Path) -> dict:
+        """Load the state from ``path`` into the train module; return the trainer state saved with it."""
+
+
+class TorchDistState(CheckpointState):
     """parallel.zero 0/1: megatron-core model chunks, (distributed) optimizer and schedule as ``torch_dist``."""
 
-    def write(self, tmp: Path, train_module, trainer_state: dict) -> None:
-        dist_checkpointing.save(_sharded_state(train_module, is_loading=False, extra={"trainer": trainer_state}),
+    def write(self, tmp: Path, trainer_state: dict) -> None:
+        dist_checkpointing.save(_sharded_state(self.train_module, is_loading=False, extra={"trainer": trainer_state}),
                                 str(tmp))
 
-    def write_async(self, tmp: Path, train_module, trainer_state: dict):
+    def write_async(self, tmp: Path, trainer_state: dict):
         """Stage the tensors and return megatron-core's AsyncRequest, which writes them in the background."""
         return dist_checkpointing.save(
-            _sharded_state(train_module, is_loading=False, extra={"trainer": trainer_state}), str(tmp),
+            _sharded_state(self.train_module, is_loading=False, extra={"trainer": trainer_state}), str(tmp),
             async_sharded_save=True)
 
-    def read(self, path: Path, train_module) -> dict:
+    def read(self, path: Path) -> dict:
+        train_module = self.train_module
         common = dist_checkpointing.load_common_state_dict(str(path))
         _materialise_optimizer_state(train_module.optimizer)
         state = _sharded_state(train_module, is_loading=True, extra={"trainer": common["trainer"]})
@@ -294,12 +320,17 @@ class _TorchDistState:
         return loaded["trainer"]
 
 
-class _DeepSpeedState:
+class DeepSpeedState(CheckpointState):
     """parallel.zero 2/3: DeepSpeed's own checkpoint of the engine (model, fp32 master and Adam partitions,
     its step counters), so its tooling (zero_to_fp32) reads ours; our LR schedule and trainer state go
     in its client_state."""
 
-    def write(self, tmp: Path, train_module, trainer_state: dict) -> None:
+    def __init__(self, train_module) -> None:
+        super().__init__(train_module)
+        self.zero = train_module.zero
+
+    def write(self, tmp: Path, trainer_state: dict) -> None:
+        train_module = self.train_module
         # The tag is the step directory's name under the checkpoint root: DeepSpeed's own layout. It must
         # not write its `latest` (same name and format as ours): ours is set only once the step is complete.
         train_module.engine.save_checkpoint(
@@ -308,12 +339,13 @@ class _DeepSpeedState:
         if dist.get_rank() == 0:
             (tmp / _DEEPSPEED_LAYOUT).write_text(json.dumps({"zero_stage": train_module.zero, "dp": train_module.dp}))
 
-    def write_async(self, tmp: Path, train_module, trainer_state: dict):
+    def write_async(self, tmp: Path, trainer_state: dict):
         raise CheckpointError("trainer.async_save=true is not supported with DeepSpeed (parallel.zero=2/3)")
 
-    def read(self, path: Path, train_module) -> dict:
+    def read(self, path: Path) -> dict:
         from parallel.deepspeed import weights_only_loads
 
+        train_module = self.train_module
         # The schedule is ours (the engine has none): it comes back through client_state.
         with weights_only_loads():
             loaded, client = train_module.engine.load_checkpoint(str(path.parent), tag=path.name,
@@ -322,10 +354,6 @@ class _DeepSpeedState:
             raise CheckpointError(f"DeepSpeed found no model states in {path}")
         train_module.scheduler.load_state_dict(client["scheduler"])
         return client["trainer"]
-
-
-def _backend(train_module) -> _TorchDistState | _DeepSpeedState:
-    return _DeepSpeedState() if hasattr(train_module, "engine") else _TorchDistState()
 
 
 def saved_rope(path: Path) -> dict | None:

@@ -13,6 +13,7 @@ from common.errors import ConfigError, check_choice
 from parallel.config import ParallelConfig
 from parallel.layout import ParallelLayout
 from pretrain.models.config import ModelConfig
+from pretrain.models.decoder.recompute import RecomputeConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -163,6 +164,13 @@ class TrainerConfig:
     """Evaluate once before the first step too (a fresh run only), logged as step 0: the before of a stage."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
+    @property
+    def recompute_config(self) -> RecomputeConfig:
+        """``recompute``, ``recompute_modules``, ``recompute_method`` and ``recompute_num_layers`` as one config (the
+        flat fields stay what a user types: ``trainer.recompute=full``)."""
+        return RecomputeConfig(mode=self.recompute, modules=tuple(self.recompute_modules),
+                               method=self.recompute_method, num_layers=self.recompute_num_layers)
+
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "global_batch_size", "log_every"):
             if getattr(self, name) < 1:
@@ -172,23 +180,7 @@ class TrainerConfig:
             raise ConfigError(f"trainer.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.save_every < 0:
             raise ConfigError(f"trainer.save_every must be >= 0, got {self.save_every}")
-        check_choice("trainer.recompute", self.recompute, ("none", "selective", "full"))
-        check_choice("trainer.recompute_method", self.recompute_method, ("uniform", "block"))
-        if self.recompute_num_layers < 1:
-            raise ConfigError(f"trainer.recompute_num_layers must be >= 1, got {self.recompute_num_layers}")
-        for module in self.recompute_modules:
-            if module in ("layernorm", "moe_act"):  # megatron-core implements these with TransformerEngine only
-                raise ConfigError(
-                    f"trainer.recompute_modules: {module!r} needs TransformerEngine"
-                    f"{' and grouped GEMM' if module == 'moe_act' else ''}, which this stack does not use; "
-                    "choose from 'core_attn', 'mlp', 'moe', 'shared_experts'"
-                )
-            if module not in ("core_attn", "mlp", "moe", "shared_experts"):
-                raise ConfigError(
-                    f"trainer.recompute_modules: {module!r} is not one of 'core_attn', 'mlp', 'moe', 'shared_experts'"
-                )
-        if self.recompute == "selective" and not self.recompute_modules:
-            raise ConfigError("trainer.recompute=selective needs at least one entry in trainer.recompute_modules")
+        _ = self.recompute_config  # building it checks the four recompute fields together (RecomputeConfig)
         check_choice("trainer.cross_entropy", self.cross_entropy, ("auto", "megatron", "fused", "chunked"))
         if self.cross_entropy_chunk < 1:
             raise ConfigError(f"trainer.cross_entropy_chunk must be >= 1, got {self.cross_entropy_chunk}")

@@ -16,10 +16,11 @@ from parallel.deepspeed import apply_deepspeed, build_adamw, gathered_parameters
 from parallel.layout import ParallelLayout
 from parallel.mesh import device
 from pretrain.optim import build_scheduler, fused_adamw
-from pretrain.train_module import PositionBucket, StepResult, global_position_losses, position_sums
+from pretrain.checkpoint import CheckpointState, DeepSpeedState
+from pretrain.train_module import BaseTrainModule, PositionBucket, StepResult, global_position_losses, position_sums
 
 
-class DeepSpeedTrainModule:
+class DeepSpeedTrainModule(BaseTrainModule):
     """A DeepSpeed engine over one megatron ``GPTModel`` + LR schedule, and ``train_batch``."""
 
     def __init__(self, engine, config: TransformerConfig, scheduler: OptimizerParamScheduler, *,
@@ -74,12 +75,6 @@ class DeepSpeedTrainModule:
         return StepResult(loss=loss, grad_norm=grad_norm, lr=engine.optimizer.param_groups[0]["lr"],
                           tokens=tokens, skipped=False)
 
-    def evaluate(self, batches) -> tuple[float, int]:
-        """Validation: (mean loss, tokens) over ``batches`` (each one global batch's microbatches for this rank):
-        the training loss's per-token sums, forward only, eval mode, no gradients (``TrainModule.evaluate``)."""
-        loss, tokens, _ = self.evaluate_by_position(batches, 0)
-        return loss, tokens
-
     def evaluate_by_position(self, batches, buckets: int) -> tuple[float, int, list[PositionBucket]]:
         """``evaluate`` plus the loss in ``buckets`` equal slices of the sequence positions (``TrainModule``'s)."""
         engine, dev = self.engine, device()
@@ -110,6 +105,9 @@ class DeepSpeedTrainModule:
         if spec is not None:
             position_out.append(position_sums(weighted, mask, mb["position_ids"], *spec))
         return weighted.sum(), mask.sum()
+
+    def checkpoint_state(self) -> CheckpointState:
+        return DeepSpeedState(self)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's tensors under GPTModel names, whole on every rank (collective under ZeRO-3)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -16,6 +17,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from parallel.layout import ParallelLayout
 from parallel.mesh import device
+from pretrain.checkpoint import CheckpointState, TorchDistState
 
 
 @dataclass
@@ -85,7 +87,41 @@ class _NonFiniteGradNorm(Exception):
     pass
 
 
-class TrainModule:
+class BaseTrainModule(ABC):
+    """What the Trainer and the Checkpointer see of a train module: one optimizer step, evaluation, and the state a
+    checkpoint holds. Implemented by :class:`TrainModule` (megatron-core DDP / ZeRO-1) and
+    ``pretrain.deepspeed_module.DeepSpeedTrainModule`` (DeepSpeed ZeRO-2/3); the Trainer does not know which."""
+
+    layout: ParallelLayout
+    """The resolved layout it was built for."""
+    config: TransformerConfig
+    scheduler: OptimizerParamScheduler
+
+    @abstractmethod
+    def train_batch(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool = False) -> StepResult:
+        """Forward/backward over the microbatches, then one optimizer step unless loss or gradients are not finite.
+        ``poison``: testing hook (``trainer.inject_nan_steps``), a non-finite loss as a real blow-up gives."""
+
+    @abstractmethod
+    def evaluate_by_position(self, batches, buckets: int) -> tuple[float, int, list[PositionBucket]]:
+        """:meth:`evaluate` plus the loss in ``buckets`` equal slices of the sequence positions [0, seq_len)."""
+
+    def evaluate(self, batches) -> tuple[float, int]:
+        """Validation: (mean loss, tokens) over ``batches``, each one global batch's microbatches for this rank.
+
+        The training loss exactly (per-token sums over every token of every batch, one global mean), forward
+        only, in eval mode (no dropout) and without gradients: weights, optimizer, gradient buffers and RNG
+        states are left as they were.
+        """
+        loss, tokens, _ = self.evaluate_by_position(batches, 0)
+        return loss, tokens
+
+    @abstractmethod
+    def checkpoint_state(self) -> CheckpointState:
+        """How its model, optimizer and schedule go into a checkpoint and back (``pretrain.checkpoint``)."""
+
+
+class TrainModule(BaseTrainModule):
     """Model chunks + optimizer + LR schedule, and ``train_batch`` that runs one optimizer step."""
 
     def __init__(self, chunks: list, config: TransformerConfig, optimizer: MegatronOptimizer,
@@ -133,18 +169,9 @@ class TrainModule:
             extras=extras,
         )
 
-    def evaluate(self, batches) -> tuple[float, int]:
-        """Validation: (mean loss, tokens) over ``batches``, each one global batch's microbatches for this rank.
-
-        The training loss exactly (per-token sums over every token of every batch, one global mean), forward
-        only through the same pipeline schedule, in eval mode (no dropout) and without gradients: weights,
-        optimizer, gradient buffers and RNG states are left as they were.
-        """
-        loss, tokens, _ = self.evaluate_by_position(batches, 0)
-        return loss, tokens
-
     def evaluate_by_position(self, batches, buckets: int) -> tuple[float, int, list[PositionBucket]]:
-        """``evaluate`` plus the loss in ``buckets`` equal slices of the sequence positions [0, seq_len)."""
+        """``evaluate`` plus the loss in ``buckets`` equal slices of the sequence positions [0, seq_len), forward
+        only through the same pipeline schedule as training."""
         reports = []
         spec = (buckets, self.seq_len // buckets) if buckets else None
         for chunk in self.chunks:
@@ -159,6 +186,9 @@ class TrainModule:
         loss, tokens = _global_loss(reports, tp=self.layout.tp)
         by_position = global_position_losses([r["pos"] for r in reports], spec, tp=self.layout.tp) if spec else []
         return loss, tokens, by_position
+
+    def checkpoint_state(self) -> CheckpointState:
+        return TorchDistState(self)
 
     def _run_schedule(self, microbatches: list[dict[str, torch.Tensor]], *, poison: bool,
                       forward_only: bool, buckets: tuple[int, int] | None = None) -> list:

@@ -13,7 +13,7 @@ from common.errors import TrainingDivergedError
 from parallel.mesh import Mesh, device
 from pretrain.callbacks import Callback
 from pretrain.checkpoint import Checkpointer
-from pretrain.train_module import TrainModule
+from pretrain.train_module import BaseTrainModule
 
 log = logging.getLogger("pretrain")
 
@@ -21,7 +21,7 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm preemption / time limit
 
 
 class Trainer:
-    def __init__(self, *, module: TrainModule, batches_from, checkpointer: Checkpointer, callbacks: list[Callback],
+    def __init__(self, *, module: BaseTrainModule, batches_from, checkpointer: Checkpointer, callbacks: list[Callback],
                  mesh: Mesh, steps: int, save_every: int, max_bad_steps: int = 5,
                  inject_nan_steps: tuple[int, ...] = (), eval_batches=None, eval_every: int = 0,
                  eval_position_buckets: int = 0, eval_at_start: bool = False) -> None:

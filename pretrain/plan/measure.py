@@ -26,11 +26,11 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
 
 
 def _chunks(module) -> list[torch.nn.Module]:
-    return [module.model] if hasattr(module, "engine") else list(module.chunks)
+    return [module.model] if module.layout.deepspeed else list(module.chunks)
 
 
 def _inner_optimizers(module) -> list[torch.optim.Optimizer]:
-    if hasattr(module, "engine"):
+    if module.layout.deepspeed:
         return [module.engine.optimizer.optimizer]
     opt = module.optimizer
     return [o.optimizer for o in getattr(opt, "chained_optimizers", [opt]) if o.optimizer is not None]
@@ -39,7 +39,7 @@ def _inner_optimizers(module) -> list[torch.optim.Optimizer]:
 def _claims(module) -> dict[str, list[torch.Tensor]]:
     claims: dict[str, list[torch.Tensor]] = {c: [] for c in CATEGORIES}
     params = [p for c in _chunks(module) for p in c.parameters()]
-    if hasattr(module, "engine"):
+    if module.layout.deepspeed:
         zopt = module.engine.optimizer
         # ZeRO-3: this rank's partitions (ds_tensor) and the flat buffer they live in; ZeRO-2: the flat bf16 copy.
         claims["weights"] += [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
@@ -117,7 +117,7 @@ def parameter_count(module) -> int:
 def before_optimizer_step(module, fn):
     """Call ``fn()`` just before every optimizer step ``module`` takes inside this block: gradients reduced, and
     from the second step on Adam's moments allocated, i.e. the high-water mark of model state."""
-    owner = module.engine.optimizer if hasattr(module, "engine") else module.optimizer
+    owner = module.engine.optimizer if module.layout.deepspeed else module.optimizer
     original, own = owner.step, "step" in vars(owner)
 
     def step(*args, **kwargs):
