@@ -91,9 +91,9 @@ class Manifest:
 
     @staticmethod
     def path_of(path: str | os.PathLike) -> Path:
-        """``path`` itself if it names a file, else ``path/manifest.json``."""
+        """``path`` itself if it names a .json file, else ``path/manifest.json`` (a data-stage output directory)."""
         path = Path(path)
-        return path / MANIFEST_NAME if path.is_dir() else path
+        return path / MANIFEST_NAME if path.is_dir() or path.suffix != ".json" else path
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Manifest":

@@ -112,3 +112,8 @@ def test_empty_index(tmp_path):
     index = read_index(tmp_path / "e")
     assert (index.dtype.name, index.documents, index.tokens) == ("uint16", 0, 0)
     assert read_documents(tmp_path / "e") == []
+
+
+def test_a_directory_that_does_not_exist_names_its_manifest(tmp_path):
+    with pytest.raises(DataError, match=f"^{tmp_path / 'out' / 'manifest.json'} is missing"):
+        Manifest.read(tmp_path / "out")
