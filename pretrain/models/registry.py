@@ -30,10 +30,10 @@ class ModelFamily:
     """``(hf_config, *, name=None) -> config``; raises ConversionError naming a field it cannot represent."""
     config_to_hf: Callable
     """``(config, *, vocab_size=None, dtype=...) -> transformers config``."""
-    build_model_chunks: Callable
-    """``(config, TransformerConfig, vocab_size, ...) -> [GPTModel]`` (the megatron layer spec is inside)."""
-    transformer_config: Callable
-    """``(config, *, layout, moe_dispatcher, precision, recompute, kernels) -> TransformerConfig``."""
+    decoder: str
+    """Module with ``transformer_config(config, *, layout, ...) -> TransformerConfig`` and
+    ``build_model_chunks(config, TransformerConfig, vocab_size, ...) -> [GPTModel]`` (the megatron layer spec is
+    inside). A module path, imported on first use: megatron-core stays out of the planner and config checks."""
     state_dict_adapter: str
     """Module with ``global_from_hf``, ``hf_from_global`` and ``hf_vocab_rows``: HF weight names <-> megatron
     global names (``hf.sharding`` does the layouts)."""
@@ -42,6 +42,12 @@ class ModelFamily:
 
     def adapter(self):
         return importlib.import_module(self.state_dict_adapter)
+
+    def transformer_config(self, *args, **kwargs):
+        return importlib.import_module(self.decoder).transformer_config(*args, **kwargs)
+
+    def build_model_chunks(self, *args, **kwargs):
+        return importlib.import_module(self.decoder).build_model_chunks(*args, **kwargs)
 
 
 def names() -> tuple[str, ...]:
