@@ -23,7 +23,6 @@ from datatrove.utils.typeshelper import StatHints
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from common.errors import ConfigError
-from common.shards import shard_order  # noqa: F401 - benchmarks/bench_data.py imports it from here
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
