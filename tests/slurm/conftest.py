@@ -1,9 +1,9 @@
 """Real Slurm clusters for the tests in this folder, started by slurm/cluster/up.sh: the one-node cluster
-(``slurm``) and the simulated 2-node cluster of ``up.sh --nodes 2`` (``multinode``), whose commands run
+(``slurm``) and the simulated 3-node cluster of ``up.sh --nodes 3`` (``multinode``), whose commands run
 inside node 1 through slurm/cluster/node.sh.
 
 The clusters stay up after the tests (up.sh is idempotent: the next session finds them in about a
-second); slurm/cluster/down.sh [--nodes 2] stops them. Jobs wait on `scontrol show job -o` (no accounting here).
+second); slurm/cluster/down.sh [--nodes 3] stops them. Jobs wait on `scontrol show job -o` (no accounting here).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pretrain.testing import write_learnable_shards
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_GPUS = 2
-MULTINODE_NODES = 2
+MULTINODE_NODES = 3  # test_multinode.py: jobs on mn1-mn2, the node failure drills on mn1 + mn3
 NODE_SH = REPO / "slurm" / "cluster" / "node.sh"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE"}
@@ -58,13 +58,20 @@ def job_info(job_id: str, prefix: tuple[str, ...] = ()) -> dict[str, str]:
 class Slurm:
     """Submits through slurm/submit.sh from the repository root and cancels what is left at the end.
 
-    ``prefix`` runs every Slurm command through it (the multi-node cluster: node.sh 1)."""
+    ``prefix`` runs every Slurm command through it (the multi-node cluster: node.sh 1); ``up_options`` are the
+    options of the up.sh that started the cluster."""
 
-    def __init__(self, fake_gpus: int = 0, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(self, fake_gpus: int = 0, prefix: tuple[str, ...] = (), up_options: tuple[str, ...] = ()) -> None:
         self.fake_gpus = fake_gpus
         self.prefix = prefix
+        self.up_options = up_options
         self.repo = REPO
         self.jobs: list[str] = []
+
+    def up(self, timeout: float = 120) -> subprocess.CompletedProcess:
+        """slurm/cluster/up.sh again with this cluster's options: restarts nothing, brings a lost node back."""
+        return subprocess.run([str(REPO / "slurm" / "cluster" / "up.sh"), *self.up_options], capture_output=True,
+                              text=True, timeout=timeout)
 
     def run(self, *cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
         """A Slurm client command (squeue, scancel, scontrol, ...) on this cluster."""
@@ -104,11 +111,20 @@ def slurm(slurm_cluster) -> Slurm:
     jobs.cancel_all()
 
 
+@pytest.fixture(scope="module")
+def module_slurm(slurm_cluster) -> Slurm:
+    """``slurm`` for the jobs a module's tests share."""
+    jobs = Slurm(slurm_cluster)
+    yield jobs
+    jobs.cancel_all()
+
+
 @pytest.fixture(scope="session")
 def multinode() -> Slurm:
-    """The simulated 2-node cluster (up.sh --nodes 2), shared by every multi-node test of the session."""
-    start_cluster("--nodes", str(MULTINODE_NODES))
-    jobs = Slurm(prefix=(str(NODE_SH), "1"))
+    """The simulated 3-node cluster (up.sh --nodes 3), shared by every multi-node test of the session."""
+    options = ("--nodes", str(MULTINODE_NODES))
+    start_cluster(*options)
+    jobs = Slurm(prefix=(str(NODE_SH), "1"), up_options=options)
     yield jobs
     jobs.cancel_all()
 
