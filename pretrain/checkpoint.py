@@ -257,7 +257,7 @@ class Checkpointer:
     def load(self, path: Path, train_module) -> dict:
         """Load model, optimizer, schedule and RNG from ``path``; return the trainer state saved with them."""
         backend = train_module.checkpoint_state()
-        check_resumable(path, zero=backend.zero, dp=dist.get_world_size())
+        check_resumable(path, zero=backend.zero, dp=train_module.layout.dp)
         trainer_state = backend.read(path)
         rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
         saved_world = len(list((path / "rng").glob("rank_*.pt")))
