@@ -33,6 +33,20 @@ def run(run_dir, shards, *overrides, expect_rc=0) -> subprocess.CompletedProcess
     return proc
 
 
+def run_together(shards, *runs: tuple[Path, tuple[str, ...], int]) -> list[subprocess.CompletedProcess]:
+    """``run`` for several (run dir, overrides, expected exit status) at once: a one-process run leaves a core
+    idle."""
+    procs = [subprocess.Popen(command(run_dir, shards, *overrides), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for run_dir, overrides, _ in runs]
+    done = []
+    for proc, (_, _, expect_rc) in zip(procs, runs):
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == expect_rc, stdout[-3000:] + stderr[-5000:]
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """Loss per step; a step run twice (before a kill and after the resume) keeps its last value."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -96,12 +110,30 @@ def shards(tmp_path_factory) -> Path:
     return write_learnable_shards(tmp_path_factory.mktemp("shards"), vocab_size=256)
 
 
+STRAIGHT = ("trainer.steps=8", "trainer.save_every=2", "trainer.keep_last=3")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, shards):
+    """``straight(layout)``: the uninterrupted 8-step run of that layout (checkpoints at 2, 4, 6, 8; the last 3
+    kept), run on first use and shared: the reference of the resume tests. Saving does not change the losses,
+    so it is also the reference of the same job saving at other steps. Returns (run dir, its process)."""
+    done: dict = {}
+
+    def get(layout: str) -> tuple[Path, subprocess.CompletedProcess]:
+        if layout not in done:
+            run_dir = tmp_path_factory.mktemp(f"straight_{layout}")
+            done[layout] = run_dir, run(run_dir, shards, f"parallel={layout}", *STRAIGHT)
+        return done[layout]
+
+    return get
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", ["single", "tp2"])
-def test_resume_after_kill9_is_bit_identical(tmp_path, shards, layout):
-    args = (f"parallel={layout}", "trainer.steps=8", "trainer.save_every=2", "trainer.keep_last=3")
-    run(tmp_path / "straight", shards, *args)
-    reference = losses(tmp_path / "straight")
+def test_resume_after_kill9_is_bit_identical(tmp_path, shards, straight, layout):
+    args = (f"parallel={layout}", *STRAIGHT)
+    reference = losses(straight(layout)[0])
 
     kill_at_step(tmp_path / "killed", shards, 5, *args)  # dies after the step-4 checkpoint
     assert Checkpointer(tmp_path / "killed" / "checkpoints", 3).latest().name == "step_00000004"
@@ -112,34 +144,34 @@ def test_resume_after_kill9_is_bit_identical(tmp_path, shards, layout):
 
 
 @pytest.mark.timeout(900)
-def test_resumed_run_reads_as_one_history_and_saves_leave_nothing_behind(tmp_path, shards):
-    """Killed past the step-4 checkpoint with steps 5-7 logged, then resumed: metrics.jsonl holds every step
+def test_resumed_run_reads_as_one_history_and_saves_leave_nothing_behind(tmp_path, shards, straight):
+    """Killed past the step-4 checkpoint with steps 5-6 logged, then resumed: metrics.jsonl holds every step
     once, with an uninterrupted run's losses; a failed save's leftover folder is removed at the start; and
     no save makes megatron-core warn that it overwrites an incomplete checkpoint."""
-    args = ("parallel=single", "trainer.steps=10", "trainer.save_every=4")
-    straight = run(tmp_path / "straight", shards, *args)
-    reference = losses(tmp_path / "straight")
+    args = ("parallel=single", "trainer.steps=8", "trainer.save_every=4")
+    straight_dir, straight_proc = straight("single")  # the same job saving every 2 steps
+    reference = losses(straight_dir)
     killed = tmp_path / "killed"
-    kill_at_step(killed, shards, 7, *args)
+    kill_at_step(killed, shards, 6, *args)  # two steps before the next save (8): no save of its own is cut
     ckpts = killed / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000004"
-    assert steps_logged(killed)[:7] == list(range(1, 8))
+    assert steps_logged(killed)[:6] == list(range(1, 7))
     leftover = ckpts / "step_00000006.tmp"  # what a save cut short by a full disk leaves
     (leftover / "rng").mkdir(parents=True)
     (leftover / "rng" / "rank_00000.pt").write_bytes(b"partial")
 
     resumed = run(killed, shards, *args)
-    assert steps_logged(killed) == list(range(1, 11))
-    assert losses(killed) == reference  # steps 5-10 after the resume bit-identical too
+    assert steps_logged(killed) == list(range(1, 9))
+    assert losses(killed) == reference  # steps 5-8 after the resume bit-identical too
     assert not leftover.exists() and not list(ckpts.glob("*.tmp"))
     assert f"removed 1 leftover(s) of unfinished saves in {ckpts}: step_00000006.tmp" in resumed.stdout
     assert re.search(r"metrics\.jsonl: dropped \d rows after step 4, the step this run resumes from", resumed.stdout)
-    for proc, saves in ((straight, 3), (resumed, 2)):  # steps 4, 8, 10 / 8, 10: nothing to overwrite
+    for proc, saves in ((straight_proc, 4), (resumed, 1)):  # steps 2, 4, 6, 8 / 8: nothing to overwrite
         assert proc.stdout.count("saved checkpoint") == saves
         assert "Overwriting old incomplete" not in proc.stdout + proc.stderr
     # The RNG files are still where a resume reads them, and in the checksums.
-    assert "rng/rank_00000.pt" in json.loads((ckpts / "step_00000010" / "checksums.json").read_text())
-    assert verify(ckpts / "step_00000010") is None
+    assert "rng/rank_00000.pt" in json.loads((ckpts / "step_00000008" / "checksums.json").read_text())
+    assert verify(ckpts / "step_00000008") is None
 
 
 def test_a_resume_drops_the_rows_after_its_step_atomically(tmp_path):
@@ -173,21 +205,20 @@ def test_leftovers_of_unfinished_saves_are_removed(tmp_path, caplog):
 
 
 @pytest.mark.timeout(900)
-def test_resharded_resume_continues_with_the_same_loss(tmp_path, shards):
-    args = ("trainer.steps=6", "trainer.save_every=4")
-    run(tmp_path / "tp2", shards, "parallel=tp2", *args)
-    reference = losses(tmp_path / "tp2")
+def test_resharded_resume_continues_with_the_same_loss(tmp_path, shards, straight):
+    tp2 = straight("tp2")[0]
+    reference = losses(tp2)
     for layout in ("single", "pp2", "cp2"):  # cp2: the same weights, the sequence split over 2 ranks
         run_dir = tmp_path / layout
         (run_dir / "checkpoints").mkdir(parents=True)
         # Start the new layout from the TP2 checkpoint of step 4.
-        src = tmp_path / "tp2" / "checkpoints" / "step_00000004"
+        src = tp2 / "checkpoints" / "step_00000004"
         subprocess.run(["cp", "-r", str(src), str(run_dir / "checkpoints" / src.name)], check=True)
         (run_dir / "checkpoints" / "latest").write_text(src.name)
-        run(run_dir, shards, f"parallel={layout}", *args)
+        run(run_dir, shards, f"parallel={layout}", "trainer.steps=8")  # saves at the end only
         got = losses(run_dir)
-        assert sorted(got) == [5, 6]
-        for step in (5, 6):
+        assert sorted(got) == [5, 6, 7, 8]
+        for step in (5, 6, 7, 8):
             assert abs(got[step] - reference[step]) <= 1e-5, (layout, step, got[step], reference[step])
 
 
@@ -232,7 +263,10 @@ def test_pointer_never_names_a_partial_checkpoint_when_killed_mid_save(tmp_path,
 
 @pytest.mark.timeout(300)
 def test_nan_steps_are_skipped_and_counted_then_stop(tmp_path, shards):
-    run(tmp_path / "a", shards, "parallel=single", "trainer.steps=6", "trainer.inject_nan_steps=[3]")
+    _, proc = run_together(
+        shards, (tmp_path / "a", ("parallel=single", "trainer.steps=6", "trainer.inject_nan_steps=[3]"), 0),
+        (tmp_path / "b", ("parallel=single", "trainer.steps=8", "trainer.save_every=2",
+                          "trainer.inject_nan_steps=[3,4,5]", "trainer.max_bad_steps=3"), 3))
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]
     # The skipped step did not advance the schedule: step 4 runs at the LR of schedule position 3
@@ -240,8 +274,6 @@ def test_nan_steps_are_skipped_and_counted_then_stop(tmp_path, shards):
     position3 = 1e-4 + 0.5 * (math.cos(math.pi * (3 - 2) / (6 - 2)) + 1) * (1e-3 - 1e-4)
     assert rows[2]["lr"] == pytest.approx(1e-3) and rows[3]["lr"] == pytest.approx(position3)
 
-    proc = run(tmp_path / "b", shards, "parallel=single", "trainer.steps=8", "trainer.save_every=2",
-               "trainer.inject_nan_steps=[3,4,5]", "trainer.max_bad_steps=3", expect_rc=3)
     assert "stopping at step 5: 3 consecutive steps" in proc.stderr
     assert "last good checkpoint:" in proc.stderr and "step_00000002" in proc.stderr
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step_00000002"
@@ -249,20 +281,20 @@ def test_nan_steps_are_skipped_and_counted_then_stop(tmp_path, shards):
 
 
 @pytest.mark.timeout(600)
-def test_async_save_publishes_complete_checkpoints_and_resumes_exactly(tmp_path, shards):
-    args = ("parallel=single", "trainer.steps=6", "trainer.save_every=2")
-    run(tmp_path / "sync", shards, *args)
+def test_async_save_publishes_complete_checkpoints_and_resumes_exactly(tmp_path, shards, straight):
+    args = ("parallel=single", *STRAIGHT)
+    sync = straight("single")[0]  # the same job, saving synchronously
     run(tmp_path / "async", shards, *args, "trainer.async_save=true")
-    assert losses(tmp_path / "async") == losses(tmp_path / "sync")  # writing in the background changes nothing
+    assert losses(tmp_path / "async") == losses(sync)  # writing in the background changes nothing
     ckpts = tmp_path / "async" / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step_00000006"
+    assert (ckpts / "latest").read_text() == "step_00000008"
     assert not list(ckpts.glob("*.tmp")) and verify(ckpts / "step_00000004") is None
     # Resume a fresh run from the asynchronously written step-4 checkpoint.
     (tmp_path / "resume" / "checkpoints").mkdir(parents=True)
     subprocess.run(["cp", "-r", str(ckpts / "step_00000004"), str(tmp_path / "resume" / "checkpoints")], check=True)
     (tmp_path / "resume" / "checkpoints" / "latest").write_text("step_00000004")
     run(tmp_path / "resume", shards, *args)
-    assert losses(tmp_path / "resume") == {s: losses(tmp_path / "sync")[s] for s in (5, 6)}
+    assert losses(tmp_path / "resume") == {s: losses(sync)[s] for s in (5, 6, 7, 8)}
 
 
 def _latest_seen_by_rank(rank: int, world_size: int, root: str) -> tuple[str, list[str]]:
