@@ -9,8 +9,9 @@
 #   DRY_RUN=1 OUT=/tmp/gpu_rehearsal bash benchmarks/gpu/run.sh
 #
 # Phases, in order; each writes its file under $OUT as soon as it has it, so a timeout keeps what finished:
-#   0. carried wheels into $SITE, import gate (megatron.core, hydra, omegaconf, transformers, torch)
-#   1. env.txt: device, date, this command, python/torch/CUDA/cuDNN/NCCL/transformers/megatron-core versions
+#   0. carried wheels into $SITE
+#   1. env.txt: device, date, this command, python/torch/CUDA/cuDNN/NCCL/transformers/megatron-core versions; its
+#      python is the import gate (megatron.core, hydra, omegaconf, transformers, torch)
 #   2. preflight.json: one-rank NCCL all_reduce; per model shape the SDPA backends that take it, their time and
 #      the one torch picks; a bf16 8192^3 matmul ceiling. Stops here if the collective fails.
 #   3. gate_fp32.json, gate_bf16.json: ours vs transformers, same weights and batch, on the GPU, BEFORE any
@@ -41,26 +42,22 @@ SCALE=${SCALE:-$([[ $DRY_RUN == 1 ]] && echo 6 || echo 1)}
 BUDGET_S=$((BUDGET_S * SCALE))
 if [[ $DRY_RUN == 1 ]]; then DRY=(--dry-run); export CUDA_VISIBLE_DEVICES=""; fi
 
-# 0. Wheels + import gate.
+# 0. Wheels.
 if ls .wheels/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         .wheels/*.whl 2>&1 | grep -v "Running pip as the 'root' user" | tee -a "$LOG"
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ! "$PY" -c "import megatron.core, hydra, omegaconf, transformers, torch" 2>>"$LOG"; then
-    say "run.sh: imports failed (carry .wheels? see benchmarks/README.md)"; exit 1
-fi
-say "imports ok"
 
-# 1. What machine, what software, what command.
+# 1. What machine, what software, what command. Its python is also the import gate (one process importing them).
 {
     echo "date $(date -u +%FT%TZ)"
     echo "command: bash benchmarks/gpu/run.sh (DRY_RUN=$DRY_RUN BUDGET_S=$BUDGET_S MOE_LAYERS=$MOE_LAYERS FORCE=$FORCE)"
     echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | grep -q . && echo '(+ uncommitted changes)')"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
     "$PY" - <<'PYEOF'
-import platform, torch, transformers, megatron.core
+import platform, hydra, omegaconf, torch, transformers, megatron.core
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "| cuDNN", torch.backends.cudnn.version(), "| transformers", transformers.__version__,
       "| megatron-core", megatron.core.__version__)
@@ -74,6 +71,10 @@ if torch.cuda.is_available():
 PYEOF
 } >"$OUT/env.txt" 2>&1
 tee -a "$LOG" <"$OUT/env.txt"
+if ! grep -q "^python .* | megatron-core " "$OUT/env.txt"; then
+    say "run.sh: imports failed (carry .wheels? see benchmarks/README.md)"; exit 1
+fi
+say "imports ok"
 
 # 2. Preflight.
 if ! timeout $((90 * SCALE)) "$PY" benchmarks/gpu/preflight.py "${DRY[@]}" --json "$OUT/preflight.json" 2>&1 \

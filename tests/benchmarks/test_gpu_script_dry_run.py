@@ -4,7 +4,6 @@ first, in order, and leaves its file in $OUT. No timing is asserted."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,12 @@ import gates  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("gpu_out")
-    env = dict(os.environ, DRY_RUN="1", OUT=str(out), OMP_NUM_THREADS="1", PYTHON=sys.executable,
-               PYTHONWARNINGS="ignore")
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run(["bash", "benchmarks/gpu/run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=3000)
-    return out, proc
+def rehearsal(gpu_rehearsal) -> tuple[Path, subprocess.CompletedProcess]:
+    """The rehearsal (conftest.py: it may have started earlier, in the background), finished."""
+    out, proc = gpu_rehearsal
+    proc.wait(timeout=3000)
+    stdout, stderr = ((out.parent / f"run.sh.{name}").read_text() for name in ("stdout", "stderr"))
+    return out, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_every_phase_ran_and_wrote_its_file(rehearsal):
