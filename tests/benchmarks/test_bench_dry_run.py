@@ -31,9 +31,7 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def dry_runs(tmp_path_factory, request) -> dict[str, dict]:
-    if any(item.path.name == "test_gpu_script_dry_run.py" for item in request.session.items):
-        request.getfixturevalue("gpu_rehearsal")  # its steps, one process at a time, run alongside (conftest.py)
+def dry_runs(tmp_path_factory, rehearsal_alongside) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
     procs = {}
