@@ -24,8 +24,6 @@ class ModelFamily:
     name: str
     hf_model_types: tuple[str, ...]
     """transformers ``model_type`` values this family reads and writes (dense, MoE)."""
-    config_cls: type
-    """The typed model config (``model:`` section)."""
     config_from_hf: Callable
     """``(hf_config, *, name=None) -> config``; raises ConversionError naming a field it cannot represent."""
     config_to_hf: Callable

@@ -1,5 +1,4 @@
 """The Qwen2 family (Qwen2, Qwen2.5, Qwen1.5/Qwen2-MoE) as the registry sees it."""
-from pretrain.models.config import ModelConfig
 from pretrain.models.decoder import flops
 from pretrain.models.qwen2 import hf_config
 from pretrain.models.registry import ModelFamily
@@ -7,7 +6,6 @@ from pretrain.models.registry import ModelFamily
 FAMILY = ModelFamily(
     name="qwen2",
     hf_model_types=hf_config.MODEL_TYPES,
-    config_cls=ModelConfig,
     config_from_hf=hf_config.model_config_from_hf,
     config_to_hf=hf_config.hf_config_from_model,
     decoder="pretrain.models.decoder.model",  # the shared megatron decoder

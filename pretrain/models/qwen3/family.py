@@ -1,6 +1,5 @@
 """The Qwen3 family (Qwen3 dense, Qwen3-MoE): the shared decoder with QK-norm, no QKV bias, its own head width,
 normalised top-k and no shared expert -- all ModelConfig switches -- and its own Hugging Face configs."""
-from pretrain.models.config import ModelConfig
 from pretrain.models.decoder import flops
 from pretrain.models.qwen3 import hf_config
 from pretrain.models.registry import ModelFamily
@@ -8,7 +7,6 @@ from pretrain.models.registry import ModelFamily
 FAMILY = ModelFamily(
     name="qwen3",
     hf_model_types=hf_config.MODEL_TYPES,
-    config_cls=ModelConfig,
     config_from_hf=hf_config.model_config_from_hf,
     config_to_hf=hf_config.hf_config_from_model,
     decoder="pretrain.models.decoder.model",  # the shared megatron decoder
